@@ -1,0 +1,691 @@
+"""The CMA API of the 2010 patch set (section 3 of the behaviour doc), with the intended fixes.
+
+One :class:`Cma` is the whole state the kernel kept in globals: the early list, the
+registered regions, the chunk tree, the map, the asterisk and the allocators. Every public call
+takes one lock, as the kernel took ``cma_mutex``, and leaves the state as it was when it raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from sortedcontainers import SortedDict
+
+from cma_qemu.allocators.base import Allocator
+from cma_qemu.allocators.registry import AllocatorRegistry
+from cma_qemu.attributes import (
+    PAGE_SIZE,
+    Map,
+    RegionSpec,
+    derive_asterisk,
+    format_asterisk,
+    format_map,
+    parse_asterisk,
+    parse_map,
+    parse_regions,
+)
+from cma_qemu.errors import EADDRINUSE, EBUSY, EINVAL, ENOENT, ENOMEM, CmaError
+from cma_qemu.regions import (
+    MAX_ADDRESS,
+    EarlyRegion,
+    RamBank,
+    RamLayout,
+    Region,
+    ReservedRange,
+    align_up,
+    describe_range,
+    place_early_regions,
+)
+
+__all__ = [
+    "AllocEvent",
+    "AllocFailedEvent",
+    "Chunk",
+    "Cma",
+    "CmaEvent",
+    "CmaInfo",
+    "FreeEvent",
+    "RegionStats",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Chunk:
+    """One allocation. ``size`` is page-rounded; ``requested`` is what the caller asked for."""
+
+    start: int
+    size: int
+    requested: int
+    region: Region
+    refcount: int = 1
+    owner: str | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last byte."""
+        return self.start + self.size
+
+
+@dataclass(frozen=True)
+class CmaInfo:
+    """``struct cma_info``: bounds and sizes over the known regions of a list."""
+
+    lower_bound: int
+    upper_bound: int
+    total_size: int
+    free_size: int
+    count: int
+
+
+@dataclass(frozen=True)
+class RegionStats:
+    """Per-region counters under the names mainline's debugfs uses."""
+
+    name: str | None
+    start: int
+    alloc_pages_success: int
+    alloc_pages_fail: int
+    release_pages_success: int
+    total_pages: int
+    available_pages: int
+    maxchunk: int
+
+
+@dataclass(frozen=True)
+class AllocEvent:
+    """A chunk was allocated."""
+
+    chunk: Chunk
+    dev: str | None
+    kind: str | None
+
+
+@dataclass(frozen=True)
+class FreeEvent:
+    """A chunk was freed (its last reference dropped)."""
+
+    chunk: Chunk
+
+
+@dataclass(frozen=True)
+class AllocFailedEvent:
+    """An allocation request failed; ``regions`` is the list that was tried."""
+
+    dev: str | None
+    kind: str | None
+    regions: tuple[str, ...]
+    size: int
+    alignment: int
+    error: CmaError
+
+
+CmaEvent: TypeAlias = AllocEvent | FreeEvent | AllocFailedEvent
+
+_NO_REGIONS_INFO = CmaInfo(MAX_ADDRESS, 0, 0, 0, 0)
+
+
+def _check_request(size: int, alignment: int) -> tuple[int, int]:
+    """Validate and normalise (size, alignment) the way ``__cma_alloc`` did."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise EINVAL(f"invalid size {size!r}: must be a positive number of bytes")
+    if size > MAX_ADDRESS:
+        raise EINVAL(f"invalid size {size:#x}: larger than the address space")
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 0:
+        raise EINVAL(f"invalid alignment {alignment!r}")
+    if alignment & (alignment - 1):
+        raise EINVAL(f"alignment {alignment:#x} is not a power of two")
+    if alignment > MAX_ADDRESS:
+        raise EINVAL(f"invalid alignment {alignment:#x}: larger than the address space")
+    return align_up(size, PAGE_SIZE), max(alignment, PAGE_SIZE)
+
+
+def _normalised_early(
+    name: str | None,
+    size: int,
+    start: int | None,
+    alignment: int | None,
+    allocator: str | None,
+    in_asterisk: bool,
+) -> EarlyRegion:
+    """Alignment at least a page, start rounded up to it, size to a page (section 2.1)."""
+    align = max(alignment or PAGE_SIZE, PAGE_SIZE)
+    placed = align_up(start, align) if start else None
+    pages = align_up(size, PAGE_SIZE)
+    if placed is not None and placed + pages - 1 > MAX_ADDRESS:
+        raise EINVAL(f"region '{name}': start + size overflows the address space")
+    return EarlyRegion(name, pages, align, placed, allocator, in_asterisk)
+
+
+class Cma:
+    """The contiguous memory allocator: regions, chunks, map, asterisk and allocators."""
+
+    def __init__(self, registry: AllocatorRegistry | None = None) -> None:
+        self._lock = threading.RLock()
+        self._registry = registry if registry is not None else AllocatorRegistry.with_builtins()
+        self._early: list[EarlyRegion] = []
+        self._regions: list[Region] = []
+        self._chunks: SortedDict = SortedDict()  # start -> Chunk, the global chunk tree
+        self._map: Map | None = None
+        self._asterisk: tuple[str, ...] | None = None
+        self._listeners: list[Callable[[CmaEvent], None]] = []
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_attributes(
+        cls,
+        regions: str | None,
+        map: str | None = None,
+        asterisk: str | None = None,
+        *,
+        ram: Sequence[tuple[int, int]] | Sequence[RamBank],
+        keep_free: Iterable[ReservedRange] = (),
+        registry: AllocatorRegistry | None = None,
+    ) -> Cma:
+        """Boot in one call: defaults, early reservation in ``ram``, then ``init``."""
+        cma = cls(registry)
+        cma.set_defaults(regions, map, asterisk)
+        banks = tuple(b if isinstance(b, RamBank) else RamBank(b[0], b[1]) for b in ram)
+        cma.early_regions_reserve(RamLayout(banks, tuple(keep_free)))
+        cma.init()
+        return cma
+
+    def set_defaults(
+        self,
+        regions: str | None,
+        map: str | None = None,
+        asterisk: str | None = None,
+    ) -> None:
+        """``cma_set_defaults``: store map and asterisk, queue the regions as early regions.
+
+        An explicit ``asterisk`` wins over the one derived from the region names (the
+        documented behaviour; the 2010 code let the derived one overwrite it). Nothing is
+        changed if any of the three strings is invalid.
+        """
+        with self._lock:
+            specs = parse_regions(regions) if regions else ()
+            new_map = parse_map(map) if map else None
+            new_asterisk: tuple[str, ...] | None = None
+            if asterisk is not None:
+                new_asterisk = parse_asterisk(asterisk)
+            elif derive_asterisk(specs):
+                new_asterisk = derive_asterisk(specs)
+            early = [self._early_from_spec(spec) for spec in specs]
+            self._map = new_map if map is not None else self._map
+            if new_asterisk is not None:
+                self._asterisk = new_asterisk
+            self._early.extend(early)
+
+    @staticmethod
+    def _early_from_spec(spec: RegionSpec) -> EarlyRegion:
+        return _normalised_early(
+            spec.name, spec.size, spec.start, spec.alignment, spec.allocator, spec.in_asterisk
+        )
+
+    def early_region_register(
+        self,
+        name: str | None,
+        size: int,
+        *,
+        start: int | None = None,
+        alignment: int = 0,
+        allocator: str | None = None,
+        in_asterisk: bool = True,
+    ) -> EarlyRegion:
+        """``cma_early_region_register``: queue a region to reserve before ``init``."""
+        if alignment < 0 or alignment & (alignment - 1):
+            raise EINVAL(f"alignment {alignment:#x} is not a power of two")
+        if size <= 0:
+            raise EINVAL("early region size must be positive")
+        early = _normalised_early(
+            name or None, size, start, alignment, allocator, in_asterisk and bool(name)
+        )
+        with self._lock:
+            self._early.append(early)
+        return early
+
+    @property
+    def early_regions(self) -> list[EarlyRegion]:
+        """The early list, in registration order."""
+        with self._lock:
+            return list(self._early)
+
+    def early_regions_reserve(self, layout: RamLayout) -> list[EarlyRegion]:
+        """``cma_early_regions_reserve``: place every unreserved early region in ``layout``.
+
+        All or nothing: a conflict raises (naming both ranges) and reserves none, where the
+        2010 code logged a warning and went on without the region.
+        """
+        with self._lock:
+            pending = [r for r in self._early if not r.reserved]
+            keep = list(layout.keep_free) + [
+                ReservedRange(r.label, r.start, r.size)
+                for r in self._early
+                if r.reserved and r.start is not None
+            ]
+            placements = place_early_regions(pending, RamLayout(layout.banks, tuple(keep)))
+            for region, start in placements:
+                region.start = start
+                region.reserved = True
+            return pending
+
+    def init(self) -> list[Region]:
+        """``cma_init``: register the reserved early regions; drop the ones never reserved."""
+        with self._lock:
+            registered: list[Region] = []
+            for early in self._early:
+                if not early.reserved or early.start is None:
+                    log.warning("%s was never reserved; dropped", early.label)
+                    continue
+                registered.append(
+                    self.region_register(
+                        early.start,
+                        early.size,
+                        name=early.name,
+                        allocator=early.allocator_name,
+                        in_asterisk=early.in_asterisk,
+                    )
+                )
+            self._early.clear()
+            return registered
+
+    # ----------------------------------------------------------------- regions
+    def region_register(
+        self,
+        start: int,
+        size: int,
+        *,
+        name: str | None = None,
+        allocator: str | None = None,
+        in_asterisk: bool = False,
+    ) -> Region:
+        """``cma_region_register``: a range the caller owns; it must not overlap another."""
+        if size <= 0 or size % PAGE_SIZE or start % PAGE_SIZE or start < 0:
+            raise EINVAL(
+                f"region {name or '<private>'} needs a page-aligned start and a positive "
+                f"page-multiple size (got {start:#x}+{size:#x})"
+            )
+        if start + size - 1 > MAX_ADDRESS:
+            raise EINVAL(f"region {name or '<private>'}: start + size overflows")
+        with self._lock:
+            for other in self._regions:
+                if start < other.end and other.start < start + size:
+                    raise EADDRINUSE(
+                        f"region {name or '<private>'} {describe_range(start, size)} overlaps "
+                        f"region {other.label} {describe_range(other.start, other.size)}"
+                    )
+            region = Region(
+                name=name or None,
+                start=start,
+                size=size,
+                allocator_name=allocator,
+                in_asterisk=in_asterisk,
+            )
+            if name:
+                self._regions.insert(0, region)  # named at the head: newest name wins lookups
+            else:
+                self._regions.append(region)
+            return region
+
+    def region_unregister(self, region: Region) -> None:
+        """Remove a region that holds no chunks (v3 ``users`` semantics)."""
+        with self._lock:
+            if region not in self._regions:
+                raise ENOENT(f"region {region.label} is not registered")
+            if region.users:
+                raise EBUSY(f"region {region.label} still holds {region.users} chunk(s)")
+            if region.allocator is not None:
+                region.allocator.cleanup()
+            self._regions.remove(region)
+
+    @property
+    def regions(self) -> list[Region]:
+        """Registered regions in address order."""
+        with self._lock:
+            return sorted(self._regions, key=lambda r: r.start)
+
+    def region(self, name: str) -> Region | None:
+        """The most recently registered region with this name."""
+        with self._lock:
+            for region in self._regions:
+                if region.name is None:
+                    return None  # private regions are at the tail; names stop here
+                if region.name == name:
+                    return region
+            return None
+
+    # ----------------------------------------------------------------- allocators
+    @property
+    def registry(self) -> AllocatorRegistry:
+        """The allocators this instance knows."""
+        return self._registry
+
+    def allocator_register(self, allocator: type[Allocator]) -> None:
+        """``cma_allocator_register`` with the intended attach condition.
+
+        The new allocator is attached to every allocator-less region that asks for its
+        name, or asks for the default while it is the first (default) allocator.
+        """
+        with self._lock:
+            self._registry.register(allocator)
+            is_default = self._registry.default_name == allocator.name
+            for region in self._regions:
+                if region.allocator is not None or region.users:
+                    continue
+                wanted = region.allocator_name
+                if wanted == allocator.name or (wanted is None and is_default):
+                    region.attach_failed = False
+                    self._attach(region)
+
+    def set_region_allocator(self, region: Region, name: str | None) -> None:
+        """Change the allocator a region asks for (v3's ``regions/*/alloc`` write).
+
+        EBUSY while the region holds chunks; the new allocator attaches lazily.
+        """
+        with self._lock:
+            if region not in self._regions:
+                raise ENOENT(f"region {region.label} is not registered")
+            if region.users:
+                raise EBUSY(f"region {region.label} still holds {region.users} chunk(s)")
+            if region.allocator is not None:
+                region.allocator.cleanup()
+            region.allocator = None
+            region.allocator_name = name
+            region.attach_failed = False
+
+    def _attach(self, region: Region) -> bool:
+        factory = self._registry.get(region.allocator_name)
+        if factory is None:
+            log.warning(
+                "region %s: allocator %r is not loaded",
+                region.label,
+                region.allocator_name or "<default>",
+            )
+            region.attach_failed = True
+            return False
+        try:
+            region.allocator = factory(region.start, region.size)
+        except Exception:
+            log.exception("region %s: allocator %s failed to start", region.label, factory.name)
+            region.attach_failed = True
+            return False
+        return True
+
+    # ----------------------------------------------------------------- allocation
+    def subscribe(self, callback: Callable[[CmaEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` after every alloc, free and failed alloc; returns unsubscribe."""
+        self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, event: CmaEvent) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(event)
+            except Exception:  # an observer must never break the allocator
+                log.exception("CMA event listener %r failed", callback)
+
+    def _names_for(self, dev: str, kind: str) -> tuple[str, ...]:
+        if not dev:
+            raise EINVAL("device name must not be empty")
+        names = self._map.resolve(dev, kind) if self._map is not None else None
+        if names is None:
+            if self._asterisk is None:
+                target = f"{dev}/{kind}" if kind else dev
+                raise ENOENT(f"no region list for {target}: no map rule and no asterisk list")
+            return self._asterisk
+        return names
+
+    def _names_from_list(self, regions: str | None) -> tuple[str, ...]:
+        if regions is None or regions == "*":
+            if self._asterisk is None:
+                raise ENOENT("region list '*' asked for, but the asterisk list is unset")
+            return self._asterisk
+        return parse_asterisk(regions)
+
+    def alloc(
+        self, dev: str, kind: str, size: int, alignment: int = 0, *, owner: str | None = None
+    ) -> Chunk:
+        """``cma_alloc``: allocate for (dev, kind) from the regions the map names, in order."""
+        with self._lock:
+            try:
+                size_r, align_r = _check_request(size, alignment)
+                names = self._names_for(dev, kind or "")
+            except CmaError as error:
+                self._emit(AllocFailedEvent(dev, kind, (), size, alignment, error))
+                raise
+            return self._alloc_first(names, size, size_r, align_r, dev, kind or "", owner)
+
+    def alloc_from(
+        self, regions: str | None, size: int, alignment: int = 0, *, owner: str | None = None
+    ) -> Chunk:
+        """``cma_alloc_from``: allocate from a comma-separated list (``*``/None: asterisk)."""
+        with self._lock:
+            try:
+                size_r, align_r = _check_request(size, alignment)
+                names = self._names_from_list(regions)
+            except CmaError as error:
+                self._emit(AllocFailedEvent(None, None, (), size, alignment, error))
+                raise
+            return self._alloc_first(names, size, size_r, align_r, None, None, owner)
+
+    def alloc_from_region(
+        self, region: Region, size: int, alignment: int = 0, *, owner: str | None = None
+    ) -> Chunk:
+        """``cma_alloc_from_region``: the only way to reach a private region."""
+        with self._lock:
+            size_r, align_r = _check_request(size, alignment)
+            if region not in self._regions:
+                raise EINVAL(f"region {region.label} is not registered")
+            chunk = self._alloc_in(region, size, size_r, align_r, owner)
+            if chunk is None:
+                error = ENOMEM(
+                    f"no room for {size_r:#x} bytes (alignment {align_r:#x}) in region "
+                    f"{region.label}"
+                )
+                self._emit(AllocFailedEvent(None, None, (region.label,), size, alignment, error))
+                raise error
+            self._emit(AllocEvent(chunk, None, None))
+            return chunk
+
+    def _alloc_first(
+        self,
+        names: tuple[str, ...],
+        requested: int,
+        size: int,
+        alignment: int,
+        dev: str | None,
+        kind: str | None,
+        owner: str | None,
+    ) -> Chunk:
+        for name in names:
+            region = self.region(name)
+            if region is None:
+                continue
+            chunk = self._alloc_in(region, requested, size, alignment, owner)
+            if chunk is not None:
+                self._emit(AllocEvent(chunk, dev, kind))
+                return chunk
+        where = ", ".join(names) if names else "an empty region list"
+        error = ENOMEM(f"no room for {size:#x} bytes (alignment {alignment:#x}) in {where}")
+        self._emit(AllocFailedEvent(dev, kind, names, requested, alignment, error))
+        raise error
+
+    def _alloc_in(
+        self, region: Region, requested: int, size: int, alignment: int, owner: str | None
+    ) -> Chunk | None:
+        pages = size // PAGE_SIZE
+        if region.free_space < size:
+            region.alloc_pages_fail += pages
+            return None
+        if region.allocator is None and (region.attach_failed or not self._attach(region)):
+            region.alloc_pages_fail += pages
+            return None
+        assert region.allocator is not None
+        start = region.allocator.alloc(size, alignment)
+        if start is None:
+            region.alloc_pages_fail += pages
+            return None
+        if start in self._chunks:
+            region.allocator.free(start, size)
+            raise EADDRINUSE(f"allocator {region.attached} returned {start:#x} twice")
+        chunk = Chunk(start, size, requested, region, owner=owner)
+        self._chunks[start] = chunk
+        region.free_space -= size
+        region.users += 1
+        region.alloc_pages_success += pages
+        return chunk
+
+    def _lookup(self, addr: int) -> Chunk:
+        chunk: Chunk | None = self._chunks.get(addr)
+        if chunk is None:
+            raise ENOENT(f"no chunk starts at {addr:#x}")
+        return chunk
+
+    def _release(self, chunk: Chunk) -> None:
+        del self._chunks[chunk.start]
+        region = chunk.region
+        assert region.allocator is not None
+        region.allocator.free(chunk.start, chunk.size)
+        region.free_space += chunk.size
+        region.users -= 1
+        region.release_pages_success += chunk.size // PAGE_SIZE
+        chunk.refcount = 0
+        self._emit(FreeEvent(chunk))
+
+    def get(self, addr: int) -> Chunk:
+        """``cma_get``: take one more reference on the chunk starting at ``addr``."""
+        with self._lock:
+            chunk = self._lookup(addr)
+            chunk.refcount += 1
+            return chunk
+
+    def put(self, addr: int) -> bool:
+        """``cma_put``: drop a reference; True when that freed the chunk."""
+        with self._lock:
+            chunk = self._lookup(addr)
+            chunk.refcount -= 1
+            if chunk.refcount > 0:
+                return False
+            self._release(chunk)
+            return True
+
+    def free(self, addr: int) -> Chunk:
+        """``cma_free`` (v3): free the chunk whatever its reference count."""
+        with self._lock:
+            chunk = self._lookup(addr)
+            self._release(chunk)
+            return chunk
+
+    def release_owner(self, owner: str) -> list[Chunk]:
+        """Free every chunk of one owner, as closing ``/dev/cma`` did for its fds."""
+        with self._lock:
+            mine = [c for c in self._chunks.values() if c.owner == owner]
+            for chunk in mine:
+                self._release(chunk)
+            return mine
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """Live chunks in address order."""
+        with self._lock:
+            return list(self._chunks.values())
+
+    def chunk(self, addr: int) -> Chunk:
+        """The live chunk that starts at ``addr`` (ENOENT otherwise)."""
+        with self._lock:
+            return self._lookup(addr)
+
+    def chunk_containing(self, addr: int) -> Chunk | None:
+        """The live chunk whose range holds ``addr``, if any."""
+        with self._lock:
+            index = self._chunks.bisect_right(addr) - 1
+            if index < 0:
+                return None
+            chunk: Chunk = self._chunks.peekitem(index)[1]
+            return chunk if addr < chunk.end else None
+
+    # ----------------------------------------------------------------- info
+    def _info(self, names: tuple[str, ...]) -> CmaInfo:
+        found = [r for r in (self.region(n) for n in names) if r is not None]
+        unique = list({id(r): r for r in found}.values())
+        if not unique:
+            return _NO_REGIONS_INFO
+        return CmaInfo(
+            lower_bound=min(r.start for r in unique),
+            upper_bound=max(r.end for r in unique),
+            total_size=sum(r.size for r in unique),
+            free_size=sum(r.free_space for r in unique),
+            count=len(unique),
+        )
+
+    def info(self, dev: str, kind: str = "") -> CmaInfo:
+        """``cma_info``: what the map gives (dev, kind)."""
+        with self._lock:
+            return self._info(self._names_for(dev, kind or ""))
+
+    def info_about(self, regions: str | None) -> CmaInfo:
+        """``cma_info_about``: the same over an explicit list (``*``/None: asterisk)."""
+        with self._lock:
+            return self._info(self._names_from_list(regions))
+
+    def stats(self) -> list[RegionStats]:
+        """Counters per region, in address order."""
+        with self._lock:
+            return [
+                RegionStats(
+                    name=r.name,
+                    start=r.start,
+                    alloc_pages_success=r.alloc_pages_success,
+                    alloc_pages_fail=r.alloc_pages_fail,
+                    release_pages_success=r.release_pages_success,
+                    total_pages=r.size // PAGE_SIZE,
+                    available_pages=r.free_space // PAGE_SIZE,
+                    maxchunk=r.largest_free(),
+                )
+                for r in self.regions
+            ]
+
+    # ----------------------------------------------------------------- map & asterisk
+    @property
+    def map(self) -> Map | None:
+        """The parsed map (None: unset, everyone gets the asterisk list)."""
+        return self._map
+
+    @property
+    def map_text(self) -> str:
+        """The map as the sysfs file would show it (without the newline)."""
+        with self._lock:
+            return format_map(self._map)
+
+    def set_map(self, text: str) -> None:
+        """Replace the map (the sysfs ``map`` write); invalid text keeps the old one."""
+        new = parse_map(text)
+        with self._lock:
+            self._map = new
+
+    @property
+    def asterisk(self) -> tuple[str, ...] | None:
+        """The asterisk list (None: unset)."""
+        return self._asterisk
+
+    @property
+    def asterisk_text(self) -> str:
+        """The asterisk list as text."""
+        with self._lock:
+            return format_asterisk(self._asterisk) if self._asterisk is not None else ""
+
+    def set_asterisk(self, text: str) -> None:
+        """Replace the asterisk list; empty text unsets it (the sysfs ``asterisk`` write)."""
+        names = parse_asterisk(text)
+        with self._lock:
+            self._asterisk = names if names else None

@@ -1,0 +1,131 @@
+"""Offline replay: a script in the stub's line format against the framework, no QEMU.
+
+The same regions, placed the same way as at boot, give the same addresses the guest sees, so
+a recorded guest session can be replayed and compared, or tried under another allocator.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cma_qemu.boards import Board
+from cma_qemu.errors import EINVAL
+from cma_qemu.framework import Cma
+from cma_qemu.regions import RamBank, ReservedRange
+from cma_qemu.script import FrameworkBackend, ScriptRunner, parse_number
+
+__all__ = ["RegionSummary", "ReplayResult", "build_cma", "parse_ram", "replay"]
+
+
+@dataclass(frozen=True)
+class RegionSummary:
+    """One region at the end of a replay."""
+
+    name: str | None
+    start: int
+    size: int
+    free: int
+    largest_free: int
+    allocator: str | None
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one replay printed and how the allocator fared."""
+
+    allocator: str | None
+    stdout: str
+    stderr: str
+    allocations: int
+    failed_allocations: int
+    errors: int
+    regions: tuple[RegionSummary, ...]
+
+    @property
+    def succeeded(self) -> int:
+        """Allocations that returned a chunk."""
+        return self.allocations - self.failed_allocations
+
+    @property
+    def largest_free(self) -> int:
+        """The largest free block over all regions."""
+        return max((r.largest_free for r in self.regions), default=0)
+
+
+def parse_ram(text: str) -> RamBank:
+    """``BASE:SIZE`` (memparse numbers) for ``--ram``."""
+    base_text, colon, size_text = text.partition(":")
+    base = parse_number(base_text)
+    size = parse_number(size_text) if colon else None
+    if base is None or size is None or size == 0:
+        raise EINVAL(f"--ram {text!r}: expected BASE:SIZE, for example 0x40000000:512M")
+    if base % 4096 or size % 4096:
+        raise EINVAL(f"--ram {text!r}: base and size must be multiples of the 4 KiB page")
+    return RamBank(base, size)
+
+
+def build_cma(
+    *,
+    board: Board | None = None,
+    regions: str | None = None,
+    ram: Sequence[RamBank] = (),
+    map_text: str | None = None,
+    asterisk: str | None = None,
+    keep_free: Sequence[ReservedRange] = (),
+) -> Cma:
+    """Boot a framework the way the agent does: board defaults, ``--cma`` replacing regions.
+
+    ``--map`` and ``--asterisk`` are applied after boot, as the monitor's writes would be.
+    """
+    if board is not None:
+        cma = Cma.from_attributes(
+            board.regions if regions is None else regions,
+            board.map,
+            board.asterisk,
+            ram=board.ram,
+            keep_free=(*board.keep_free, *keep_free),
+        )
+    else:
+        if not ram:
+            raise EINVAL("replay needs --board, or --cma with at least one --ram BASE:SIZE")
+        cma = Cma.from_attributes(regions or "", None, None, ram=ram, keep_free=keep_free)
+    if map_text is not None:
+        cma.set_map(map_text)
+    if asterisk is not None:
+        cma.set_asterisk(asterisk)
+    return cma
+
+
+def replay(script: str, cma: Cma, allocator: str | None = None) -> ReplayResult:
+    """Run ``script`` against ``cma``, optionally with every region on one allocator."""
+    if allocator is not None:
+        if cma.registry.get(allocator) is None:
+            known = ", ".join(cma.registry.names())
+            raise EINVAL(f"no allocator named {allocator!r} (loaded: {known})")
+        for region in cma.regions:
+            cma.set_region_allocator(region, allocator)
+    out, err = io.StringIO(), io.StringIO()
+    runner = ScriptRunner(FrameworkBackend(cma), out, err)
+    runner.run(script)
+    summaries = tuple(
+        RegionSummary(
+            r.name,
+            r.start,
+            r.size,
+            r.free_space,
+            r.largest_free(),
+            r.attached or r.allocator_name or cma.registry.default_name,
+        )
+        for r in cma.regions
+    )
+    return ReplayResult(
+        allocator=allocator,
+        stdout=out.getvalue(),
+        stderr=err.getvalue(),
+        allocations=runner.allocations,
+        failed_allocations=runner.failed_allocations,
+        errors=runner.failures,
+        regions=summaries,
+    )

@@ -1,0 +1,366 @@
+"""The ``cma-test`` line format: parse, run and print, exactly as the guest stub does.
+
+``cma-qemu replay`` runs a script offline through :class:`FrameworkBackend`; the guest stub
+(``guest/cma-test.c``) runs the same lines over the channel. ``docs/line-format.md`` is the
+contract both follow, word for word, so their outputs can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TextIO
+
+from cma_qemu.errors import CmaError
+from cma_qemu.framework import Cma, CmaInfo
+
+__all__ = [
+    "MAX_LINE",
+    "FrameworkBackend",
+    "ScriptBackend",
+    "ScriptRunner",
+    "parse_number",
+]
+
+#: Longest line the stub accepts, without its newline (the seed's 1023).
+MAX_LINE = 1023
+#: Longest device or kind name (``char[17]`` in ``struct cma_alloc_request``).
+MAX_NAME = 16
+MAX_ID = 2**31 - 1
+MAX_COUNT = 1_000_000
+_U64 = 2**64 - 1
+
+_NUMBER = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
+_SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30}
+
+
+def parse_number(token: str, *, suffix: bool = True) -> int | None:
+    """memparse of a whole token (no sign, must start with a digit); None when invalid."""
+    match = _NUMBER.fullmatch(token)
+    if match is None or (match.group(2) and not suffix):
+        return None
+    digits = match.group(1)
+    if digits[:2] in ("0x", "0X"):
+        value = int(digits[2:], 16)
+    elif digits.startswith("0"):
+        value = int(digits, 8)
+    else:
+        value = int(digits)
+    value <<= _SUFFIX[match.group(2).lower()]
+    return value if value <= _U64 else None
+
+
+class ScriptBackend(Protocol):
+    """What a script needs from the allocator side: the framework, or the guest channel."""
+
+    def alloc(self, dev: str, kind: str, size: int, alignment: int) -> int:
+        """Allocate; return the start. Raises CmaError."""
+
+    def alloc_from(self, regions: str, size: int, alignment: int) -> int:
+        """Allocate from an explicit region list; return the start."""
+
+    def free(self, addr: int) -> None:
+        """Free the chunk at ``addr``."""
+
+    def info(self, dev: str, kind: str) -> CmaInfo:
+        """``cma_info`` for (dev, kind)."""
+
+    def write(self, addr: int, size: int, pattern: int) -> None:
+        """Fill the first ceil(size/4) words with ``pattern + i``."""
+
+    def verify(self, addr: int, size: int, pattern: int) -> int | None:
+        """Byte offset of the first word that differs, or None."""
+
+    def ping(self) -> None:
+        """An empty round trip."""
+
+
+@dataclass
+class FrameworkBackend:
+    """Runs a script straight against a :class:`Cma` (offline replay).
+
+    There is no guest memory offline, so ``write`` remembers the pattern and ``verify``
+    compares against it: a different or missing pattern differs at word 0, as in the guest.
+    """
+
+    cma: Cma
+    owner: str = "replay"
+    patterns: dict[int, int] = field(default_factory=dict)
+
+    def alloc(self, dev: str, kind: str, size: int, alignment: int) -> int:
+        return self.cma.alloc(dev, kind, size, alignment, owner=self.owner).start
+
+    def alloc_from(self, regions: str, size: int, alignment: int) -> int:
+        return self.cma.alloc_from(regions, size, alignment, owner=self.owner).start
+
+    def free(self, addr: int) -> None:
+        self.cma.free(addr)
+        self.patterns.pop(addr, None)
+
+    def info(self, dev: str, kind: str) -> CmaInfo:
+        return self.cma.info(dev, kind)
+
+    def write(self, addr: int, size: int, pattern: int) -> None:
+        self.patterns[addr] = pattern
+
+    def verify(self, addr: int, size: int, pattern: int) -> int | None:
+        return None if self.patterns.get(addr) == pattern else 0
+
+    def ping(self) -> None:
+        return None
+
+
+class _LineError(Exception):
+    """A local error: printed as ``CMD: ERRNO: message`` and the script goes on."""
+
+    def __init__(self, errno_name: str, message: str) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+        self.message = message
+
+
+@dataclass
+class _Live:
+    start: int
+    size: int
+
+
+def _split_dev(token: str) -> tuple[str, str]:
+    dev, slash, kind = token.rpartition("/")
+    if not slash:
+        dev, kind = token, ""
+    if len(dev) > MAX_NAME or len(kind) > MAX_NAME:
+        raise _LineError("EINVAL", "name or kind too long")
+    return dev, kind
+
+
+def _size_and_alignment(token: str) -> tuple[int, int]:
+    size_text, slash, align_text = token.partition("/")
+    size = parse_number(size_text)
+    if size is None or size == 0:
+        raise _LineError("EINVAL", "invalid size")
+    alignment = 0
+    if slash:
+        value = parse_number(align_text)
+        if value is None or value & (value - 1):
+            raise _LineError("EINVAL", "invalid alignment")
+        alignment = value
+    return size, alignment
+
+
+def _percentile(samples: list[float], fraction: float) -> int:
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return round(ordered[rank - 1] * 1e6)
+
+
+class ScriptRunner:
+    """Feeds lines to a backend and prints what ``cma-test`` prints.
+
+    State (live chunks, the previous line) persists across :meth:`run_line` calls, so an
+    interactive front end and a whole-file replay are the same code path, as in the seed.
+    """
+
+    def __init__(
+        self,
+        backend: ScriptBackend,
+        out: TextIO,
+        err: TextIO,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.backend = backend
+        self.out = out
+        self.err = err
+        self.clock = clock
+        self.live: dict[int, _Live] = {}
+        self.previous: str | None = None
+        self.failures = 0
+        self.allocations = 0
+        self.failed_allocations = 0
+        self._commands: dict[str, Callable[[str, list[str]], None]] = {}
+        for names, handler in (
+            (("alloc", "a"), self._alloc),
+            (("alloc-from", "r"), self._alloc_from),
+            (("free", "f"), self._free),
+            (("list", "l"), self._list),
+            (("info", "i"), self._info),
+            (("write", "w"), self._write),
+            (("verify", "v"), self._verify),
+            (("bench", "b"), self._bench),
+            (("ping", "p"), self._ping),
+        ):
+            for name in names:
+                self._commands[name] = handler
+
+    # ------------------------------------------------------------------ input
+    def run(self, text: str) -> None:
+        """Run a whole script; a last line without a newline is reported, not run."""
+        lines = text.split("\n")
+        for line in lines[:-1]:
+            self.run_line(line)
+        if lines[-1]:
+            self._error("input", "EINVAL", "no new line at EOF")
+
+    def run_line(self, line: str) -> None:
+        """Run one line (without its newline)."""
+        if len(line.encode("utf-8", "surrogateescape")) > MAX_LINE:
+            self._error("input", "EINVAL", "line too long")
+            return
+        stripped = line.lstrip(" \t")
+        if stripped.startswith("#"):
+            return
+        if not stripped.strip(" \t"):
+            if self.previous is None:
+                return
+            stripped = self.previous
+        self.previous = stripped
+        words = stripped.split()
+        command, args = words[0], words[1:]
+        handler = self._commands.get(command)
+        if handler is None:
+            self._error(command, "EINVAL", "unknown command")
+            return
+        try:
+            handler(command, args)
+        except _LineError as error:
+            self._error(command, error.errno_name, error.message)
+        except CmaError as error:
+            self._error(command, error.errno_name, str(error))
+
+    def _error(self, command: str, errno_name: str, message: str) -> None:
+        self.failures += 1
+        self.err.write(f"{command}: {errno_name}: {message}\n")
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _arguments(args: list[str], needed: int, optional: int = 0) -> list[str]:
+        if len(args) < needed:
+            raise _LineError("EINVAL", "missing argument")
+        if len(args) > needed + optional:
+            raise _LineError("EINVAL", "unknown arguments at the end")
+        return args
+
+    def _chunk_id(self, token: str) -> int:
+        if not token.isdigit() or not token.isascii():
+            raise _LineError("EINVAL", "invalid chunk id")
+        value = int(token)
+        if not 1 <= value <= MAX_ID:
+            raise _LineError("EINVAL", "invalid chunk id")
+        if value not in self.live:
+            raise _LineError("ENOENT", f"no chunk {value}")
+        return value
+
+    @staticmethod
+    def _count(token: str) -> int:
+        if not token.isdigit() or not token.isascii() or not 1 <= int(token) <= MAX_COUNT:
+            raise _LineError("EINVAL", "invalid count")
+        return int(token)
+
+    @staticmethod
+    def _pattern(token: str) -> int:
+        value = parse_number(token, suffix=False)
+        if value is None or value > 0xFFFFFFFF:
+            raise _LineError("EINVAL", "invalid pattern")
+        return value
+
+    def _record(self, size: int, start: int) -> None:
+        chunk_id = 1
+        while chunk_id in self.live:
+            chunk_id += 1
+        self.live[chunk_id] = _Live(start, size)
+        self.out.write(f"{chunk_id}: {size:#x}@{start:#x}\n")
+
+    # ------------------------------------------------------------------ commands
+    def _alloc(self, command: str, args: list[str]) -> None:
+        dev_kind, size_align = self._arguments(args, 2)
+        dev, kind = _split_dev(dev_kind)
+        size, alignment = _size_and_alignment(size_align)
+        self.allocations += 1
+        try:
+            start = self.backend.alloc(dev, kind, size, alignment)
+        except CmaError:
+            self.failed_allocations += 1
+            raise
+        self._record(size, start)
+
+    def _alloc_from(self, command: str, args: list[str]) -> None:
+        regions, size_align = self._arguments(args, 2)
+        size, alignment = _size_and_alignment(size_align)
+        self.allocations += 1
+        try:
+            start = self.backend.alloc_from(regions, size, alignment)
+        except CmaError:
+            self.failed_allocations += 1
+            raise
+        self._record(size, start)
+
+    def _free(self, command: str, args: list[str]) -> None:
+        self._arguments(args, 0, 1)
+        if args:
+            chunk_id = self._chunk_id(args[0])
+        elif self.live:
+            chunk_id = next(reversed(self.live))
+        else:
+            raise _LineError("ENOENT", "no chunks")
+        self.backend.free(self.live[chunk_id].start)
+        del self.live[chunk_id]
+
+    def _list(self, command: str, args: list[str]) -> None:
+        self._arguments(args, 0)
+        for chunk_id, chunk in self.live.items():
+            self.out.write(f"{chunk_id}: {chunk.size:#x}@{chunk.start:#x}\n")
+
+    def _info(self, command: str, args: list[str]) -> None:
+        (dev_kind,) = self._arguments(args, 1)
+        dev, kind = _split_dev(dev_kind)
+        info = self.backend.info(dev, kind)
+        self.out.write(
+            f"info: count={info.count} total={info.total_size:#x} free={info.free_size:#x} "
+            f"lower={info.lower_bound:#x} upper={info.upper_bound:#x}\n"
+        )
+
+    def _write(self, command: str, args: list[str]) -> None:
+        id_token, pattern_token = self._arguments(args, 2)
+        chunk = self.live[self._chunk_id(id_token)]
+        self.backend.write(chunk.start, chunk.size, self._pattern(pattern_token))
+
+    def _verify(self, command: str, args: list[str]) -> None:
+        id_token, pattern_token = self._arguments(args, 2)
+        chunk = self.live[self._chunk_id(id_token)]
+        offset = self.backend.verify(chunk.start, chunk.size, self._pattern(pattern_token))
+        if offset is not None:
+            raise _LineError("EIO", f"mismatch at offset {offset:#x}")
+
+    def _bench(self, command: str, args: list[str]) -> None:
+        count_token, dev_kind, size_token = self._arguments(args, 3)
+        count = self._count(count_token)
+        dev, kind = _split_dev(dev_kind)
+        size = parse_number(size_token)
+        if size is None or size == 0:
+            raise _LineError("EINVAL", "invalid size")
+        samples: list[float] = []
+        for _ in range(count):
+            began = self.clock()
+            start = self.backend.alloc(dev, kind, size, 0)
+            self.backend.free(start)
+            samples.append(self.clock() - began)
+        self._timing("bench", samples)
+
+    def _ping(self, command: str, args: list[str]) -> None:
+        (count_token,) = self._arguments(args, 1)
+        count = self._count(count_token)
+        samples: list[float] = []
+        for _ in range(count):
+            began = self.clock()
+            self.backend.ping()
+            samples.append(self.clock() - began)
+        self._timing("ping", samples)
+
+    def _timing(self, name: str, samples: list[float]) -> None:
+        self.out.write(
+            f"{name}: n={len(samples)} p50={_percentile(samples, 0.5)}us "
+            f"p99={_percentile(samples, 0.99)}us\n"
+        )
