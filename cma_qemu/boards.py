@@ -218,9 +218,7 @@ def load_board_file(path: Path) -> Board:
     for low, high in pairwise(ordered):
         if high.base < low.end:
             raise reader.fail("ram", f"banks at {low.base:#x} and {high.base:#x} overlap")
-    if machine_type == "virt" and any(
-        b.end != h.base for b, h in zip(ordered, ordered[1:], strict=False)
-    ):
+    if machine_type == "virt" and any(b.end != h.base for b, h in pairwise(ordered)):
         raise reader.fail("ram", "QEMU virt has one contiguous RAM block: banks must touch")
 
     keep_free: list[ReservedRange] = []
