@@ -217,7 +217,8 @@ class ScriptRunner:
                 return
             stripped = self.previous
         self.previous = stripped
-        words = stripped.split()
+        # Tokens are separated by spaces and tabs only, as in the stub (not "\r", "\v", ...).
+        words = [word for word in re.split(r"[ \t]+", stripped) if word]
         command, args = words[0], words[1:]
         handler = self._commands.get(command)
         if handler is None:
