@@ -128,11 +128,16 @@ class _Live:
     size: int
 
 
+def _byte_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def _split_dev(token: str) -> tuple[str, str]:
     dev, slash, kind = token.rpartition("/")
     if not slash:
         dev, kind = token, ""
-    if len(dev) > MAX_NAME or len(kind) > MAX_NAME:
+    # char[17] in the request: the limit is in bytes, as the stub's strlen() counts.
+    if _byte_length(dev) > MAX_NAME or _byte_length(kind) > MAX_NAME:
         raise _LineError("EINVAL", "name or kind too long")
     return dev, kind
 
