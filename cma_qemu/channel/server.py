@@ -1,0 +1,181 @@
+"""Guest ports: connect to QEMU's chardev sockets, keep each guest's session, reset on demand.
+
+QEMU is the socket server (``-chardev socket,path=...,server=on,wait=off``), so the agent is a
+client that retries until the socket is there and reconnects when it drops. A dropped socket
+does not mean the guest went away; only :meth:`ChannelServer.reset` (the machine layer calls
+it on QMP ``RESET``) and :meth:`ChannelServer.port_closed` (``VSERPORT_CHANGE`` with
+``open: false``) give a guest's chunks back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from cma_qemu.channel.session import GuestSession
+from cma_qemu.errors import EADDRINUSE, ENOENT, ETIMEDOUT
+from cma_qemu.framework import Chunk, Cma
+
+__all__ = ["ChannelServer", "ResetHook"]
+
+log = logging.getLogger(__name__)
+
+#: Called after a guest's chunks were released: (port, reason, released chunks).
+ResetHook = Callable[[str, str, list[Chunk]], None]
+
+
+@dataclass
+class _Port:
+    name: str
+    path: str
+    session: GuestSession
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    connections: int = 0
+
+
+class ChannelServer:
+    """The guest sessions of one machine, one per channel port.
+
+    Each port's chunks are owned by ``"guest:<port>"`` in the framework, so inspection tools
+    can tell whose chunks they see and a reset frees exactly one guest's memory.
+    """
+
+    def __init__(
+        self,
+        cma: Cma,
+        *,
+        on_reset: ResetHook | None = None,
+        retry_delay: float = 0.05,
+        max_retry_delay: float = 1.0,
+    ) -> None:
+        self.cma = cma
+        self.on_reset = on_reset
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self._ports: dict[str, _Port] = {}
+
+    @staticmethod
+    def owner_for(port: str) -> str:
+        """The framework owner string of a port's chunks."""
+        return f"guest:{port}"
+
+    @property
+    def ports(self) -> list[str]:
+        """Names of the ports being served."""
+        return list(self._ports)
+
+    def session(self, port: str) -> GuestSession:
+        """The session of ``port`` (ENOENT if there is no such port)."""
+        try:
+            return self._ports[port].session
+        except KeyError:
+            raise ENOENT(f"no guest channel port {port!r}") from None
+
+    def add_port(self, name: str, path: str | os.PathLike[str]) -> GuestSession:
+        """Serve ``name`` on QEMU's chardev socket at ``path`` (connects in the background)."""
+        if name in self._ports:
+            raise EADDRINUSE(f"guest channel port {name!r} is already served")
+        port = _Port(name, os.fspath(path), GuestSession(self.cma, self.owner_for(name)))
+        self._ports[name] = port
+        port.task = asyncio.create_task(self._run(port), name=f"cma-channel-{name}")
+        return port.session
+
+    async def wait_connected(self, port: str, timeout: float | None = None) -> None:
+        """Wait until ``port``'s socket is connected (ETIMEDOUT after ``timeout`` seconds)."""
+        entry = self._ports.get(port)
+        if entry is None:
+            raise ENOENT(f"no guest channel port {port!r}")
+        try:
+            await asyncio.wait_for(entry.connected.wait(), timeout)
+        except TimeoutError:
+            raise ETIMEDOUT(f"channel socket {entry.path} did not connect", where=port) from None
+
+    def is_connected(self, port: str) -> bool:
+        """Whether ``port``'s socket is connected now."""
+        entry = self._ports.get(port)
+        return entry is not None and entry.connected.is_set()
+
+    def reset(self, port: str | None = None, *, reason: str = "reset") -> list[Chunk]:
+        """Release the chunks of one guest port, or of all ports (None), and report it."""
+        names = list(self._ports) if port is None else [port]
+        released: list[Chunk] = []
+        for name in names:
+            chunks = self.session(name).reset()
+            released.extend(chunks)
+            if self.on_reset is not None:
+                try:
+                    self.on_reset(name, reason, chunks)
+                except Exception:
+                    log.exception("reset hook failed for port %s", name)
+        return released
+
+    def port_closed(self, port: str) -> list[Chunk]:
+        """The guest closed ``port`` (``VSERPORT_CHANGE`` open=false): release its chunks."""
+        return self.reset(port, reason="port-closed")
+
+    async def remove_port(self, port: str, *, release: bool = True) -> list[Chunk]:
+        """Stop serving ``port``; its chunks are released unless ``release`` is false."""
+        entry = self._ports.get(port)
+        if entry is None:
+            raise ENOENT(f"no guest channel port {port!r}")
+        released = self.reset(port, reason="port-removed") if release else []
+        del self._ports[port]
+        await self._stop(entry)
+        return released
+
+    async def close(self) -> None:
+        """Stop every port without releasing chunks (the machine decides what a stop means)."""
+        ports = list(self._ports.values())
+        self._ports.clear()
+        for entry in ports:
+            await self._stop(entry)
+
+    async def __aenter__(self) -> ChannelServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @staticmethod
+    async def _stop(entry: _Port) -> None:
+        if entry.task is not None:
+            entry.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await entry.task
+
+    async def _run(self, port: _Port) -> None:
+        delay = self.retry_delay
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(port.path)
+            except OSError as err:
+                log.debug("port %s: connect to %s failed: %s", port.name, port.path, err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry_delay)
+                continue
+            delay = self.retry_delay
+            port.connections += 1
+            port.connected.set()
+            log.info("port %s: connected to %s", port.name, port.path)
+            try:
+                await port.session.serve(reader, writer)
+            except (ConnectionError, OSError) as err:
+                log.info("port %s: connection lost: %s", port.name, err)
+            finally:
+                port.connected.clear()
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            log.info("port %s: disconnected; reconnecting", port.name)
+            await asyncio.sleep(delay)
