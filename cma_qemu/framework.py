@@ -278,19 +278,24 @@ class Cma:
         """``cma_init``: register the reserved early regions; drop the ones never reserved."""
         with self._lock:
             registered: list[Region] = []
-            for early in self._early:
-                if not early.reserved or early.start is None:
-                    log.warning("%s was never reserved; dropped", early.label)
-                    continue
-                registered.append(
-                    self.region_register(
-                        early.start,
-                        early.size,
-                        name=early.name,
-                        allocator=early.allocator_name,
-                        in_asterisk=early.in_asterisk,
+            try:
+                for early in self._early:
+                    if not early.reserved or early.start is None:
+                        log.warning("%s was never reserved; dropped", early.label)
+                        continue
+                    registered.append(
+                        self.region_register(
+                            early.start,
+                            early.size,
+                            name=early.name,
+                            allocator=early.allocator_name,
+                            in_asterisk=early.in_asterisk,
+                        )
                     )
-                )
+            except CmaError:
+                for region in registered:  # all or nothing: leave the state as it was
+                    self._regions.remove(region)
+                raise
             self._early.clear()
             return registered
 
