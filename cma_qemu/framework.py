@@ -268,6 +268,8 @@ class Cma:
                 for r in self._early
                 if r.reserved and r.start is not None
             ]
+            # Regions registered directly (cma_region_register) are taken too.
+            keep += [ReservedRange(f"region {r.label}", r.start, r.size) for r in self._regions]
             placements = place_early_regions(pending, RamLayout(layout.banks, tuple(keep)))
             for region, start in placements:
                 region.start = start
