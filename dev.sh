@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The two commands of the README, and the set-up both need.
+#
+#   ./dev.sh demo     install what is missing, build the guest, run `cma-qemu demo` on virt
+#   ./dev.sh test     install what is missing, build the guest, run lint and the whole suite
+#   ./dev.sh setup    only the installation (apt packages, .venv, guest images)
+#
+# Idempotent: every step checks first and does nothing when it is already done.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+
+APT_PACKAGES=(
+    qemu-system-arm            # the emulator (QEMU 7.2 on bookworm)
+    gcc-arm-linux-gnueabihf    # cross compiler for the guest stub
+    libc6-dev-armhf-cross      # static libc for the stub
+    device-tree-compiler       # dtc: tests read back the patched device tree
+    cpio                       # initramfs tooling (inspection)
+    python3-venv               # the .venv
+    ca-certificates
+)
+VENV="$here/.venv"
+STAMP="$VENV/.installed-from"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else echo "dev.sh: need root (or sudo) to run: $*" >&2; exit 1
+    fi
+}
+
+missing_packages() {
+    local p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+    done
+}
+
+armhf_ready() {
+    dpkg --print-foreign-architectures | grep -qx armhf &&
+        apt-cache policy busybox-static:armhf 2>/dev/null | grep -q 'Candidate: [0-9]' &&
+        apt-cache policy linux-image-armmp-lpae:armhf 2>/dev/null | grep -q 'Candidate: [0-9]'
+}
+
+setup_apt() {
+    local missing
+    missing="$(missing_packages)"
+    if [ -z "$missing" ] && armhf_ready; then
+        return
+    fi
+    say "apt: armhf architecture and packages: ${missing//$'\n'/ }"
+    dpkg --print-foreign-architectures | grep -qx armhf || as_root dpkg --add-architecture armhf
+    # One index can be mid-sync and make `update` exit non-zero; what matters is below.
+    as_root apt-get update -q || say "apt-get update reported an error; checking the packages anyway"
+    if ! armhf_ready; then
+        echo "dev.sh: apt has no armhf kernel or busybox-static:armhf; check /etc/apt/sources.list" >&2
+        exit 1
+    fi
+    if [ -n "$missing" ]; then
+        # shellcheck disable=SC2086
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+    fi
+}
+
+setup_venv() {
+    local python want
+    python="$(command -v python3)"
+    want="$(sha256sum pyproject.toml | cut -d" " -f1) $("$python" -c 'import sys; print(sys.version.split()[0])')"
+    if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+        return
+    fi
+    say "python: .venv with cma-qemu and its test tools"
+    [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    echo "$want" > "$STAMP"
+}
+
+setup_guest() {
+    "$VENV/bin/cma-qemu" guest build
+}
+
+setup() {
+    setup_apt
+    setup_venv
+    setup_guest
+}
+
+run_tests() {
+    say "lint: ruff and mypy --strict"
+    "$VENV/bin/ruff" check cma_qemu tests benchmarks
+    "$VENV/bin/ruff" format --check cma_qemu tests benchmarks
+    "$VENV/bin/mypy" --strict cma_qemu
+    say "tests: unit and end to end (real QEMU, real guest)"
+    local status=0
+    "$VENV/bin/pytest" "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "dev.sh: pytest collected no tests; that is a failure" >&2
+        return 1
+    fi
+    return "$status"
+}
+
+case "${1:-}" in
+    setup) setup ;;
+    demo) shift; setup; exec "$VENV/bin/cma-qemu" demo "$@" ;;
+    test) shift; setup; run_tests "$@" ;;
+    *) echo "usage: ./dev.sh {demo|test|setup}" >&2; exit 2 ;;
+esac
