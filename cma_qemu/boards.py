@@ -222,7 +222,10 @@ def load_board_file(path: Path) -> Board:
         raise reader.fail("ram", "QEMU virt has one contiguous RAM block: banks must touch")
 
     keep_free: list[ReservedRange] = []
-    for index, entry in enumerate(data.get("reserve", [])):
+    reserve = data.get("reserve", [])
+    if not isinstance(reserve, list):
+        raise reader.fail("reserve", "must be an array of [[reserve]] tables")
+    for index, entry in enumerate(reserve):
         where = f"reserve[{index}]"
         if not isinstance(entry, dict):
             raise reader.fail(where, "must be a table")
