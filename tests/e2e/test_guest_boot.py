@@ -1,0 +1,59 @@
+"""Build (cached) the virt guest image and boot it once: ready marker, modules, cma-test -h."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from cma_qemu.errors import CmaError
+from cma_qemu.machine.guest_image import build_guest
+
+pexpect = pytest.importorskip("pexpect")
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing")
+def test_virt_guest_boots_to_ready_marker(tmp_path: Path) -> None:
+    try:
+        image = build_guest("armmp-lpae")
+    except CmaError as exc:
+        pytest.skip(f"guest image cannot be built here: {exc}")
+    sock = tmp_path / "ch0.sock"
+    args = [
+        "-M", "virt", "-cpu", "cortex-a15", "-m", "512", "-nographic", "-no-reboot",
+        "-nic", "none",  # the default virtio-net NIC wants efi-virtio.rom
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", "console=ttyAMA0 cma=0 cma_qemu.channel=org.cma.0",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=ch0,path={sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=ch0,name=org.cma.0",
+    ]  # fmt: skip
+    start = time.monotonic()
+    child = pexpect.spawn("qemu-system-arm", args, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect(r"cma-qemu: ready channel=(\S+)", timeout=60)
+        assert child.match.group(1) == "/dev/vport0p1"
+        boot = time.monotonic() - start
+        child.expect("cma# ", timeout=10)
+
+        child.sendline("cma-test -h; echo rc=$?")
+        child.expect(r"rc=(\d+)", timeout=10)
+        assert "usage: cma-test" in child.before
+        assert child.match.group(1) == "0"
+        child.expect("cma# ", timeout=10)
+
+        child.sendline("cat /proc/modules | cut -d' ' -f1 | sort | tr '\\n' ' '; echo END")
+        child.expect("END", timeout=10)  # the echoed command line
+        child.expect("END", timeout=10)
+        assert "virtio_console virtio_mmio" in child.before
+        print(f"virt guest ready after {boot:.1f} s")
+
+        child.sendline("exit")  # init powers the guest off when the shell exits
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
