@@ -1,0 +1,368 @@
+"""``cma-qemu boards`` and ``cma-qemu replay``: output, exit status, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cma_qemu.boards import load_board
+from cma_qemu.cli import main
+from cma_qemu.errors import EINVAL
+from cma_qemu.regions import RamBank
+from cma_qemu.replay import build_cma, parse_ram, replay
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+ROOT = DATA.parent.parent
+AQUILA = DATA / "aquila_mfc.txt"
+POOL = DATA / "pool.txt"
+POOL_ARGS = ["--cma", "pool=1M;-priv=64K@0x40000000", "--ram", "0x40000000:16M"]
+M = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CMA_QEMU_BOARDS", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables: no truncated cells
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def expected(name: str) -> str:
+    return (DATA / name).read_text(encoding="utf-8")
+
+
+def assert_one_line_error(err: str, errno_name: str, *fragments: str) -> None:
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"cma-qemu: {errno_name}: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+# ------------------------------------------------------------------------------ boards
+def test_boards_table(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(capsys, "boards")
+    assert (status, err) == (0, "")
+    for text in ("aquila", "goni", "smdkc210", "virt", "384M@0x40000000", "128M@0x50000000"):
+        assert text in out
+    assert "uart /dev/ttySAC1" in out
+    assert "mfc_b2=16M@0x44000000" in out
+
+
+def test_boards_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(capsys, "boards", "--json")
+    assert (status, err) == (0, "")
+    boards = {b["name"]: b for b in json.loads(out)}
+    assert sorted(boards) == ["aquila", "goni", "smdkc210", "virt"]
+    goni = boards["goni"]
+    assert set(goni) == {
+        "name",
+        "description",
+        "machine",
+        "cpu",
+        "kernel",
+        "ram",
+        "channel",
+        "regions",
+        "map",
+        "asterisk",
+    }
+    assert goni["ram"] == [
+        {"base": 0x40000000, "size": 256 * M},
+        {"base": 0x50000000, "size": 128 * M},
+    ]
+    assert goni["channel"] == {"kind": "virtio-serial", "name": "org.cma.0"}
+    assert goni["regions"] == "-mfc_fw=1M/128K;mfc_b1=32M;mfc_b2=16M@0x44000000"
+    assert goni["asterisk"] is None
+    assert boards["smdkc210"]["machine"] == "smdkc210"
+    assert boards["smdkc210"]["channel"]["kind"] == "uart"
+
+
+def test_boards_bad_env_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken.toml").write_text('name = "broken"\n[machine]\ntype = 5\n')
+    monkeypatch.setenv("CMA_QEMU_BOARDS", str(tmp_path))
+    status, out, err = cli(capsys, "boards")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "EINVAL", str(tmp_path / "broken.toml"), "machine.type")
+
+
+# ------------------------------------------------------------------------------ replay
+def test_replay_board_exact_output(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(capsys, "replay", str(AQUILA), "--board", "aquila")
+    assert out == expected("aquila_mfc.stdout.txt")
+    assert err == expected("aquila_mfc.stderr.txt")
+    assert status == 1  # some lines failed
+    assert out.startswith("1: 0x100000@0x57f00000\n2: 0x800000@0x55f00000\n")
+    assert "3: 0x400000@0x44000000\n" in out  # mfc_b2 at 0x44000000
+
+
+def test_replay_cma_ram_exact_output(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(capsys, "replay", str(POOL), *POOL_ARGS)
+    assert (out, err) == (expected("pool.stdout.txt"), expected("pool.stderr.txt"))
+    assert status == 1
+
+
+def test_replay_exit_zero_when_all_lines_pass(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "ok.txt"
+    script.write_text("a s3c-mfc5/a 4K\nl\nf\n")
+    status, out, err = cli(capsys, "replay", str(script), "--board", "goni")
+    assert (status, out, err) == (0, "1: 0x1000@0x55f00000\n1: 0x1000@0x55f00000\n", "")
+
+
+def test_replay_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Stdin:
+        buffer = io.BytesIO(b"r pool 4K\n")
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    status, out, err = cli(capsys, "replay", "-", *POOL_ARGS)
+    assert (status, out, err) == (0, "1: 0x1000@0x40f00000\n", "")
+
+
+def test_replay_no_newline_at_eof(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    script = tmp_path / "s.txt"
+    script.write_bytes(b"r pool 4K\nr pool 4K")
+    status, out, err = cli(capsys, "replay", str(script), *POOL_ARGS)
+    assert (status, out, err) == (
+        1,
+        "1: 0x1000@0x40f00000\n",
+        "input: EINVAL: no new line at EOF\n",
+    )
+
+
+def test_replay_compare_allocators(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(
+        capsys,
+        "replay",
+        str(AQUILA),
+        "--board",
+        "aquila",
+        "--allocator",
+        "bf",
+        "--allocator",
+        "bitmap",
+    )
+    assert status == 1 and err == ""
+    assert "Replay by allocator" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == 2
+    assert rows[0].split("│")[1].strip() == "bf"
+    assert rows[1].split("│")[1].strip() == "bitmap"
+    for row in rows:
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        assert cells[1:4] == ["8", "7", "1"]  # allocations, succeeded, failed
+    for name in ("mfc_b2", "mfc_b1", "mfc_fw"):
+        assert f"free in {name}" in out
+    assert "0x57f00000" not in out  # the script's own lines are not printed in a comparison
+
+
+def test_replay_single_allocator_prints_output_and_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, err = cli(
+        capsys, "replay", str(AQUILA), "--board", "aquila", "--allocator", "bitmap"
+    )
+    assert out.startswith(expected("aquila_mfc.stdout.txt"))
+    assert "bitmap" in out[len(expected("aquila_mfc.stdout.txt")) :]
+    assert err == expected("aquila_mfc.stderr.txt")
+    assert status == 1
+
+
+def test_replay_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(
+        capsys,
+        "replay",
+        str(AQUILA),
+        "--board",
+        "aquila",
+        "--allocator",
+        "bf",
+        "--allocator",
+        "bitmap",
+        "--json",
+    )
+    assert status == 1 and err == ""
+    data = json.loads(out)
+    assert list(data) == ["runs"]
+    assert [run["allocator"] for run in data["runs"]] == ["bf", "bitmap"]
+    for run in data["runs"]:
+        assert set(run) == {
+            "allocator",
+            "stdout",
+            "stderr",
+            "allocations",
+            "succeeded",
+            "failed",
+            "errors",
+            "largest_free",
+            "regions",
+        }
+        assert (run["allocations"], run["succeeded"], run["failed"], run["errors"]) == (8, 7, 1, 3)
+        assert run["stderr"] == expected("aquila_mfc.stderr.txt").splitlines()
+        assert [r["name"] for r in run["regions"]] == ["mfc_b2", "mfc_b1", "mfc_fw"]
+        assert {r["allocator"] for r in run["regions"]} == {run["allocator"]}
+        assert run["regions"][0] == {
+            "name": "mfc_b2",
+            "start": 0x44000000,
+            "size": 16 * M,
+            "free": 12 * M,
+            "largest_free": 12 * M,
+            "allocator": run["allocator"],
+        }
+        assert run["largest_free"] == max(r["largest_free"] for r in run["regions"])
+    assert data["runs"][0]["stdout"] == expected("aquila_mfc.stdout.txt").splitlines()
+
+
+def test_replay_json_default_allocator(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _err = cli(capsys, "replay", str(POOL), *POOL_ARGS, "--json")
+    (run,) = json.loads(out)["runs"]
+    assert run["allocator"] is None
+    assert run["stdout"] == expected("pool.stdout.txt").splitlines()
+    assert {r["allocator"] for r in run["regions"]} == {"bf"}
+    assert status == 1
+
+
+def test_replay_map_and_asterisk_overrides(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "s.txt"
+    script.write_text("a s3c-mfc5/f 4K\na other 4K\ni other\n")
+    status, out, err = cli(
+        capsys,
+        "replay",
+        str(script),
+        "--board",
+        "aquila",
+        "--map",
+        "s3c-mfc5/f=mfc_b2",
+        "--asterisk",
+        "mfc_fw",
+    )
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "1: 0x1000@0x44000000",
+        "2: 0x1000@0x57f00000",
+        "info: count=1 total=0x100000 free=0xff000 lower=0x57f00000 upper=0x58000000",
+    ]
+
+
+def test_replay_cma_replaces_board_regions(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "s.txt"
+    script.write_text("i x\n")
+    status, out, err = cli(capsys, "replay", str(script), "--board", "virt", "--cma", "only=2M")
+    assert (status, err) == (0, "")
+    assert out == "info: count=1 total=0x200000 free=0x200000 lower=0x5fe00000 upper=0x60000000\n"
+
+
+# ------------------------------------------------------------------------------ user mistakes
+MISTAKES = [
+    (
+        ["--board", "aquila", "--cma", "mfc_b2=16M@0x40000000"],
+        "EADDRINUSE",
+        ["region 'mfc_b2' 0x40000000-0x40ffffff", "the kernel 0x40000000-0x41ffffff"],
+    ),
+    (["--cma", "a=1M"], "EINVAL", ["--cma without --board needs at least one --ram"]),
+    ([], "EINVAL", ["replay needs --board"]),
+    (["--cma", "a=1Q", "--ram", "0x40000000:16M"], "EINVAL", ["regions", "column 4"]),
+    (["--cma", "a=1M", "--ram", "0x40000000"], "EINVAL", ["--ram '0x40000000'"]),
+    (["--cma", "a=1M", "--ram", "0x40000000:0"], "EINVAL", ["--ram"]),
+    (["--cma", "a=1M", "--ram", "x:16M"], "EINVAL", ["--ram 'x:16M'"]),
+    (["--cma", "a=1M", "--ram", "0x40000800:16M"], "EINVAL", ["4 KiB page"]),
+    (["--cma", "a=32M", "--ram", "0x40000000:16M"], "ENOMEM", ["region 'a'", "does not fit"]),
+    (["--cma", "a=1M@0x80000000", "--ram", "0x40000000:16M"], "ENOMEM", ["not inside RAM"]),
+    (["--board", "nosuch"], "ENOENT", ["no board named 'nosuch'", "aquila, goni, smdkc210, virt"]),
+    (["--board", "aquila", "--allocator", "nosuch"], "EINVAL", ["'nosuch'", "bf, bitmap"]),
+    (["--board", "aquila", "--allocator", "bf", "--allocator", "nope"], "EINVAL", ["'nope'"]),
+    (["--board", "aquila", "--map", "s3c-mfc5"], "EINVAL", ["map", "column"]),
+    (["--board", "aquila", "--asterisk", "a,,b"], "EINVAL", ["asterisk", "column"]),
+]
+
+
+@pytest.mark.parametrize(("args", "errno_name", "fragments"), MISTAKES)
+def test_user_mistakes_print_one_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], errno_name: str, fragments: list[str]
+) -> None:
+    status, out, err = cli(capsys, "replay", str(AQUILA), *args)
+    assert status == 1 and out == ""
+    assert_one_line_error(err, errno_name, *fragments)
+
+
+def test_missing_script_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nosuch.txt"
+    status, out, err = cli(capsys, "replay", str(missing), "--board", "aquila")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "EINVAL", str(missing), "No such file or directory")
+
+
+def test_bad_board_file_through_cli(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    board = (ROOT / "board_configs" / "virt.toml").read_text()
+    (tmp_path / "mine.toml").write_text(
+        board.replace('name = "virt"', 'name = "mine"').replace('size = "512M"', 'size = "512X"')
+    )
+    monkeypatch.setenv("CMA_QEMU_BOARDS", str(tmp_path))
+    status, out, err = cli(capsys, "replay", str(AQUILA), "--board", "mine")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "EINVAL", str(tmp_path / "mine.toml"), "ram[0].size")
+
+
+# ------------------------------------------------------------------------------ replay module
+def test_parse_ram() -> None:
+    assert parse_ram("0x40000000:512M") == RamBank(0x40000000, 512 * M)
+    assert parse_ram("1G:4K") == RamBank(1 << 30, 4096)
+    for bad in ("", ":", "0x40000000:", ":16M", "0x40000000:16M:1", "-1:16M", "0x40000000:0"):
+        with pytest.raises(EINVAL):
+            parse_ram(bad)
+
+
+def test_replay_function_is_deterministic_and_isolated() -> None:
+    board = load_board("aquila")
+    script = AQUILA.read_text()
+    first = replay(script, build_cma(board=board), "bitmap")
+    second = replay(script, build_cma(board=board), "bitmap")
+    assert first == second
+    assert first.succeeded == 7 and first.failed_allocations == 1 and first.errors == 3
+    with pytest.raises(EINVAL):
+        build_cma(regions="a=1M")
+
+
+# ------------------------------------------------------------------------------ the real script
+def test_console_script_subprocess() -> None:
+    exe = ROOT / ".venv" / "bin" / "cma-qemu"
+    if not exe.exists():
+        pytest.skip("no .venv/bin/cma-qemu")
+    done = subprocess.run(
+        [str(exe), "replay", str(AQUILA), "--board", "aquila"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stdout == expected("aquila_mfc.stdout.txt")
+    assert done.stderr == expected("aquila_mfc.stderr.txt")
+    done = subprocess.run(
+        [str(exe), "replay", str(AQUILA), "--board", "aquila", "--cma", "mfc_b2=16M@0x40000000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert_one_line_error(done.stderr, "EADDRINUSE", "the kernel")
