@@ -206,7 +206,9 @@ class ScriptRunner:
         lines = text.split("\n")
         for line in lines[:-1]:
             self.run_line(line)
-        if lines[-1]:
+        if len(lines[-1].encode("utf-8", "surrogateescape")) > MAX_LINE:
+            self._error("input", "EINVAL", "line too long")  # the stub checks length first
+        elif lines[-1]:
             self._error("input", "EINVAL", "no new line at EOF")
 
     def run_line(self, line: str) -> None:
