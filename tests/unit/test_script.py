@@ -226,6 +226,14 @@ def test_final_line_without_newline_is_not_run() -> None:
     assert record("") == ([], "", "")
 
 
+def test_final_line_too_long_without_newline() -> None:
+    # the stub checks the length before the missing newline
+    _calls, _out, err = record("a dev 4K\n" + "x" * 1024)
+    assert err == "input: EINVAL: line too long\n"
+    _calls, _out, err = record("a dev 4K\n" + "x" * 1023)
+    assert err == "input: EINVAL: no new line at EOF\n"
+
+
 def test_runner_state_persists_across_run_line() -> None:
     backend = Recorder()
     out, err = io.StringIO(), io.StringIO()
