@@ -243,23 +243,29 @@ class ScriptRunner:
         self.err.write(f"{command}: {errno_name}: {message}\n")
 
     # ------------------------------------------------------------------ helpers
+    # The stub checks in this order, and so must we: missing arguments, each argument left to
+    # right, text after the last one, the chunk lookup, then the request.
     @staticmethod
-    def _arguments(args: list[str], needed: int, optional: int = 0) -> list[str]:
+    def _need(args: list[str], needed: int) -> None:
         if len(args) < needed:
             raise _LineError("EINVAL", "missing argument")
-        if len(args) > needed + optional:
-            raise _LineError("EINVAL", "unknown arguments at the end")
-        return args
 
-    def _chunk_id(self, token: str) -> int:
-        if not token.isdigit() or not token.isascii():
+    @staticmethod
+    def _no_more(args: list[str], used: int) -> None:
+        if len(args) > used:
+            raise _LineError("EINVAL", "unknown arguments at the end")
+
+    @staticmethod
+    def _chunk_id(token: str) -> int:
+        if not token.isdigit() or not token.isascii() or not 1 <= int(token) <= MAX_ID:
             raise _LineError("EINVAL", "invalid chunk id")
-        value = int(token)
-        if not 1 <= value <= MAX_ID:
-            raise _LineError("EINVAL", "invalid chunk id")
-        if value not in self.live:
-            raise _LineError("ENOENT", f"no chunk {value}")
-        return value
+        return int(token)
+
+    def _lookup(self, chunk_id: int) -> _Live:
+        chunk = self.live.get(chunk_id)
+        if chunk is None:
+            raise _LineError("ENOENT", f"no chunk {chunk_id}")
+        return chunk
 
     @staticmethod
     def _count(token: str) -> int:
@@ -283,9 +289,10 @@ class ScriptRunner:
 
     # ------------------------------------------------------------------ commands
     def _alloc(self, command: str, args: list[str]) -> None:
-        dev_kind, size_align = self._arguments(args, 2)
-        dev, kind = _split_dev(dev_kind)
-        size, alignment = _size_and_alignment(size_align)
+        self._need(args, 2)
+        dev, kind = _split_dev(args[0])
+        size, alignment = _size_and_alignment(args[1])
+        self._no_more(args, 2)
         self.allocations += 1
         try:
             start = self.backend.alloc(dev, kind, size, alignment)
@@ -295,20 +302,22 @@ class ScriptRunner:
         self._record(size, start)
 
     def _alloc_from(self, command: str, args: list[str]) -> None:
-        regions, size_align = self._arguments(args, 2)
-        size, alignment = _size_and_alignment(size_align)
+        self._need(args, 2)
+        size, alignment = _size_and_alignment(args[1])
+        self._no_more(args, 2)
         self.allocations += 1
         try:
-            start = self.backend.alloc_from(regions, size, alignment)
+            start = self.backend.alloc_from(args[0], size, alignment)
         except CmaError:
             self.failed_allocations += 1
             raise
         self._record(size, start)
 
     def _free(self, command: str, args: list[str]) -> None:
-        self._arguments(args, 0, 1)
         if args:
             chunk_id = self._chunk_id(args[0])
+            self._no_more(args, 1)
+            self._lookup(chunk_id)
         elif self.live:
             chunk_id = next(reversed(self.live))
         else:
@@ -317,38 +326,45 @@ class ScriptRunner:
         del self.live[chunk_id]
 
     def _list(self, command: str, args: list[str]) -> None:
-        self._arguments(args, 0)
+        self._no_more(args, 0)
         for chunk_id, chunk in self.live.items():
             self.out.write(f"{chunk_id}: {chunk.size:#x}@{chunk.start:#x}\n")
 
     def _info(self, command: str, args: list[str]) -> None:
-        (dev_kind,) = self._arguments(args, 1)
-        dev, kind = _split_dev(dev_kind)
+        self._need(args, 1)
+        dev, kind = _split_dev(args[0])
+        self._no_more(args, 1)
         info = self.backend.info(dev, kind)
         self.out.write(
             f"info: count={info.count} total={info.total_size:#x} free={info.free_size:#x} "
             f"lower={info.lower_bound:#x} upper={info.upper_bound:#x}\n"
         )
 
+    def _memory_args(self, args: list[str]) -> tuple[_Live, int]:
+        self._need(args, 2)
+        chunk_id = self._chunk_id(args[0])
+        pattern = self._pattern(args[1])
+        self._no_more(args, 2)
+        return self._lookup(chunk_id), pattern
+
     def _write(self, command: str, args: list[str]) -> None:
-        id_token, pattern_token = self._arguments(args, 2)
-        chunk = self.live[self._chunk_id(id_token)]
-        self.backend.write(chunk.start, chunk.size, self._pattern(pattern_token))
+        chunk, pattern = self._memory_args(args)
+        self.backend.write(chunk.start, chunk.size, pattern)
 
     def _verify(self, command: str, args: list[str]) -> None:
-        id_token, pattern_token = self._arguments(args, 2)
-        chunk = self.live[self._chunk_id(id_token)]
-        offset = self.backend.verify(chunk.start, chunk.size, self._pattern(pattern_token))
+        chunk, pattern = self._memory_args(args)
+        offset = self.backend.verify(chunk.start, chunk.size, pattern)
         if offset is not None:
             raise _LineError("EIO", f"mismatch at offset {offset:#x}")
 
     def _bench(self, command: str, args: list[str]) -> None:
-        count_token, dev_kind, size_token = self._arguments(args, 3)
-        count = self._count(count_token)
-        dev, kind = _split_dev(dev_kind)
-        size = parse_number(size_token)
+        self._need(args, 3)
+        count = self._count(args[0])
+        dev, kind = _split_dev(args[1])
+        size = parse_number(args[2])
         if size is None or size == 0:
             raise _LineError("EINVAL", "invalid size")
+        self._no_more(args, 3)
         samples: list[float] = []
         for _ in range(count):
             began = self.clock()
@@ -358,8 +374,9 @@ class ScriptRunner:
         self._timing("bench", samples)
 
     def _ping(self, command: str, args: list[str]) -> None:
-        (count_token,) = self._arguments(args, 1)
-        count = self._count(count_token)
+        self._need(args, 1)
+        count = self._count(args[0])
+        self._no_more(args, 1)
         samples: list[float] = []
         for _ in range(count):
             began = self.clock()
