@@ -1204,7 +1204,7 @@ static void execute(char *line)
 int main(int argc, char **argv)
 {
 	static char line[MAX_LINE + 2], prev[MAX_LINE + 2], work[MAX_LINE + 2];
-	int have_prev = 0, opt;
+	int have_prev = 0, interactive, opt;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	channel_path = getenv("CMA_CHANNEL");
@@ -1235,13 +1235,19 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (isatty(STDIN_FILENO))
+	interactive = isatty(STDIN_FILENO);
+	if (interactive)
 		usage(stderr);
 
 	for (;;) {
 		size_t len = 0;
 		int ch, too_long = 0;
 		char *p;
+
+		if (interactive) {	/* a prompt tells a person (or pexpect) we are ready */
+			fputs("cma-test> ", stdout);
+			fflush(stdout);
+		}
 
 		while ((ch = getchar()) != EOF && ch != '\n') {
 			if (len < MAX_LINE)
