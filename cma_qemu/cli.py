@@ -159,6 +159,26 @@ def _print_comparison(runs: Sequence[ReplayResult]) -> None:
     _stdout().print(table)
 
 
+# ---------------------------------------------------------------------------- guest build
+def _cmd_guest_build(args: argparse.Namespace) -> int:
+    from cma_qemu.machine.guest_image import FLAVOURS, build_guest, default_cache_dir
+
+    wanted = args.flavour or sorted(FLAVOURS)
+    console = Console(stderr=True, highlight=False)
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    for flavour in wanted:
+        if flavour not in FLAVOURS:
+            raise EINVAL(f"unknown kernel flavour {flavour!r} (known: {', '.join(FLAVOURS)})")
+        with console.status(f"guest {flavour}: checking the cache") as status:
+
+            def progress(message: str, flavour: str = flavour, status: Any = status) -> None:
+                status.update(f"guest {flavour}: {message}")
+                console.print(f"guest {flavour}: {message}", soft_wrap=True)
+
+            build_guest(flavour, cache, progress)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -170,6 +190,17 @@ def _parser() -> argparse.ArgumentParser:
     boards = commands.add_parser("boards", help="list the board files and their regions")
     boards.add_argument("--json", action="store_true", help="machine-readable output")
     boards.set_defaults(handler=_cmd_boards)
+
+    guest = commands.add_parser("guest", help="the guest images (kernel, initramfs, stub)")
+    guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    build = guest_commands.add_parser(
+        "build", help="fetch Debian's armhf kernels and busybox, cross-compile cma-test, pack"
+    )
+    build.add_argument(
+        "flavour", nargs="*", help="kernel flavours to build (default: all: armmp, armmp-lpae)"
+    )
+    build.add_argument("--cache", help="cache directory (default: $CMA_QEMU_CACHE or ~/.cache)")
+    build.set_defaults(handler=_cmd_guest_build)
 
     rep = commands.add_parser(
         "replay", help="run a cma-test script against the framework offline (no QEMU)"
