@@ -7,9 +7,10 @@ hostile input with bounded memory, and must be able to resync after garbage.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Final
 
-__all__ = ["MAX_LINE", "OVERSIZED", "LineSplitter", "Marker"]
+__all__ = ["MAX_LINE", "OVERSIZED", "JsonSplitter", "LineSplitter", "Marker"]
 
 #: The longest request line a guest may send (excluding the newline); the design's bound.
 MAX_LINE: Final = 64 * 1024
@@ -97,3 +98,116 @@ class LineSplitter:
             else:
                 out.append(data[start:newline])
             start = newline + 1
+
+
+# Outside strings: anything that is not plain number/literal/separator text.
+_OUTSIDE: Final = re.compile(rb"[^ \t\r,:0-9.eE+\-truefalsn]")
+# Inside strings: the end of the string, an escape, or a byte that ends the message anyway.
+_IN_STRING: Final = re.compile(rb'["\\\n\xff]')
+_LINE_END: Final = re.compile(rb"[\n\xff]")
+_OPEN: Final = frozenset(b"{[")
+_CLOSE: Final = frozenset(b"}]")
+
+
+class JsonSplitter:
+    """Cuts a byte stream into JSON texts the way QEMU's JSON streamer does.
+
+    QMP clients (``qemu.qmp`` among them) send objects back to back without newlines, so a
+    message ends where its outermost brace or bracket closes. For people typing into a raw
+    socket a newline also ends whatever is pending, and a byte that cannot appear in JSON
+    outside a string ends the message at once (the parser then reports it) and the rest of
+    that line is dropped, so garbage is answered instead of waited on. 0xFF drops the partial
+    message; a message longer than ``limit`` is reported once as :data:`OVERSIZED`.
+    """
+
+    __slots__ = ("_buffer", "_depth", "_escape", "_in_string", "_skipping", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._skipping = False
+
+    def reset(self) -> None:
+        """Forget any partial message."""
+        self._buffer.clear()
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+
+    def _emit(self, out: list[bytes | Marker], tail: bytes) -> None:
+        message = bytes(self._buffer) + tail
+        self.reset()
+        if message.strip():
+            out.append(message)
+
+    def feed(self, data: bytes) -> list[bytes | Marker]:
+        """Consume ``data``; return the complete JSON texts (undecoded) and markers."""
+        out: list[bytes | Marker] = []
+        pos = 0
+        seg = 0  # data[seg:pos] belongs to the pending message but is not in the buffer yet
+        end = len(data)
+        while pos < end:
+            if self._skipping:
+                match = _LINE_END.search(data, pos)
+                if match is None:
+                    return out
+                pos = seg = match.end()
+                self._skipping = False
+                continue
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                    pos += 1
+                    continue
+                match = _IN_STRING.search(data, pos)
+                if match is None:
+                    pos = end
+                    break
+                byte = data[match.start()]
+                pos = match.end()
+                if byte == 0x5C:  # backslash
+                    self._escape = True
+                elif byte == 0x22:  # closing quote
+                    self._in_string = False
+                elif byte == 0x0A:  # a raw newline cannot be in a string: let the parser say so
+                    self._emit(out, data[seg : pos - 1])
+                    seg = pos
+                else:  # 0xFF
+                    self.reset()
+                    seg = pos
+                continue
+            match = _OUTSIDE.search(data, pos)
+            if match is None:
+                pos = end
+                break
+            byte = data[match.start()]
+            pos = match.end()
+            if byte == 0x22:
+                self._in_string = True
+            elif byte in _OPEN:
+                self._depth += 1
+            elif byte in _CLOSE:
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._emit(out, data[seg:pos])
+                    seg = pos
+            elif byte == 0x0A:
+                self._emit(out, data[seg : pos - 1])
+                seg = pos
+            elif byte == 0xFF:
+                self.reset()
+                seg = pos
+            else:  # cannot start or continue JSON here: answer now, resync at the newline
+                self._emit(out, data[seg:pos])
+                seg = pos
+                self._skipping = True
+        if not self._skipping:
+            self._buffer += data[seg:end]
+            if len(self._buffer) > self.limit:
+                self.reset()
+                self._skipping = True
+                out.append(OVERSIZED)
+        return out

@@ -317,7 +317,7 @@ def test_framework_bug_becomes_an_error_reply(guest: GuestSession, cma: Cma) -> 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    cma.alloc = broken  # type: ignore[method-assign]
+    cma.alloc = broken  # type: ignore[method-assign,assignment]
     error = err(guest, "cma-alloc", dev="dev", size=4096)
     assert error["class"] == "EIO" and "boom" in error["desc"]
     assert ok(guest, "guest-ping") == {}

@@ -1,0 +1,199 @@
+"""The monitor's commands: inspection and control of the framework for scripts and people.
+
+Framework calls are synchronous and made after every argument is checked, so a command either
+fully happens or changes nothing; only ``cma-read`` awaits (guest memory), and it reads state
+rather than changing it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeAlias
+
+from cma_qemu.channel.arguments import U64_MAX, Arguments
+from cma_qemu.channel.commands import chunk_json, info_json
+from cma_qemu.errors import EINVAL, EIO, EOPNOTSUPP, CmaError
+from cma_qemu.framework import Chunk, Cma
+from cma_qemu.regions import Region
+
+__all__ = ["MAX_READ", "MONITOR_OWNER", "MemoryReader", "MonitorCommands"]
+
+log = logging.getLogger(__name__)
+
+#: ``cma-read`` returns at most this many bytes (base64 makes the reply a third bigger).
+MAX_READ: Final = 16 * 1024 * 1024
+
+#: The owner recorded on chunks allocated through the monitor.
+MONITOR_OWNER: Final = "monitor"
+
+#: Reads guest physical memory: (guest physical address, size) -> exactly ``size`` bytes.
+MemoryReader: TypeAlias = Callable[[int, int], Awaitable[bytes]]
+
+_Handler: TypeAlias = Callable[[Arguments], object]
+
+
+def _region_json(region: Region, holes: bool) -> dict[str, object]:
+    data: dict[str, object] = {
+        "name": region.name,
+        "start": region.start,
+        "size": region.size,
+        "free": region.free_space,
+        "users": region.users,
+        "allocator": region.allocator_name,
+        "attached": region.attached,
+        "asterisk": region.in_asterisk,
+    }
+    if holes:
+        data["holes"] = [{"start": s, "size": n} for s, n in region.holes()]
+    return data
+
+
+def _chunk_detail(chunk: Chunk) -> dict[str, object]:
+    data = chunk_json(chunk)
+    data["requested"] = chunk.requested
+    data["refcount"] = chunk.refcount
+    data["owner"] = chunk.owner
+    return data
+
+
+class MonitorCommands:
+    """The command table of one monitor (everything but ``qmp_capabilities``)."""
+
+    def __init__(self, cma: Cma, read_memory: MemoryReader | None = None) -> None:
+        self.cma = cma
+        self.read_memory = read_memory
+        self.table: dict[str, _Handler] = {
+            "query-commands": self.query_commands,
+            "query-cma-regions": self.query_regions,
+            "query-cma-chunks": self.query_chunks,
+            "query-cma-map": self.query_map,
+            "query-cma-stats": self.query_stats,
+            "query-cma-info": self.query_info,
+            "query-cma-info-about": self.query_info_about,
+            "cma-set-map": self.set_map,
+            "cma-set-asterisk": self.set_asterisk,
+            "cma-alloc": self.alloc,
+            "cma-alloc-from": self.alloc_from,
+            "cma-free": self.free,
+            "cma-read": self.read,
+        }
+
+    def names(self) -> list[str]:
+        """Every command a negotiated client may execute, including ``qmp_capabilities``."""
+        return sorted([*self.table, "qmp_capabilities"])
+
+    def query_commands(self, args: Arguments) -> object:
+        """``query-commands``: what qmp-shell completes on."""
+        args.done()
+        return [{"name": name} for name in self.names()]
+
+    def query_regions(self, args: Arguments) -> object:
+        """Regions with free space, users and allocators; ``holes: true`` adds the free blocks."""
+        holes = args.boolean("holes", False)
+        args.done()
+        return [_region_json(r, holes) for r in self.cma.regions]
+
+    def query_chunks(self, args: Arguments) -> object:
+        """Every live chunk with its owner and refcount."""
+        args.done()
+        return [_chunk_detail(c) for c in self.cma.chunks]
+
+    def query_map(self, args: Arguments) -> object:
+        """The map and asterisk attributes as text (empty: unset)."""
+        args.done()
+        return {"map": self.cma.map_text, "asterisk": self.cma.asterisk_text}
+
+    def query_stats(self, args: Arguments) -> object:
+        """Per-region counters under mainline's names."""
+        args.done()
+        return [
+            {
+                "name": s.name,
+                "start": s.start,
+                "alloc_pages_success": s.alloc_pages_success,
+                "alloc_pages_fail": s.alloc_pages_fail,
+                "release_pages_success": s.release_pages_success,
+                "total_pages": s.total_pages,
+                "available_pages": s.available_pages,
+                "maxchunk": s.maxchunk,
+            }
+            for s in self.cma.stats()
+        ]
+
+    def query_info(self, args: Arguments) -> object:
+        """``cma_info`` for (dev, kind)."""
+        dev = args.string("dev")
+        kind = args.string("kind", "")
+        args.done()
+        return info_json(self.cma.info(dev, kind))
+
+    def query_info_about(self, args: Arguments) -> object:
+        """``cma_info_about`` for a region list (null or ``*``: asterisk)."""
+        regions = args.optional_string("regions")
+        args.done()
+        return info_json(self.cma.info_about(regions))
+
+    def set_map(self, args: Arguments) -> object:
+        """The sysfs ``map`` write: invalid text is EINVAL and keeps the old map."""
+        text = args.string("map")
+        args.done()
+        self.cma.set_map(text)
+        return {}
+
+    def set_asterisk(self, args: Arguments) -> object:
+        """The sysfs ``asterisk`` write; empty text unsets it."""
+        text = args.string("asterisk")
+        args.done()
+        self.cma.set_asterisk(text)
+        return {}
+
+    def alloc(self, args: Arguments) -> object:
+        """``cma_alloc`` on behalf of the operator (owner ``monitor``)."""
+        dev = args.string("dev")
+        kind = args.string("kind", "")
+        size = args.u64("size")
+        alignment = args.u64("alignment", 0)
+        args.done()
+        return _chunk_detail(self.cma.alloc(dev, kind, size, alignment, owner=MONITOR_OWNER))
+
+    def alloc_from(self, args: Arguments) -> object:
+        """``cma_alloc_from`` on behalf of the operator (owner ``monitor``)."""
+        regions = args.optional_string("regions")
+        size = args.u64("size")
+        alignment = args.u64("alignment", 0)
+        args.done()
+        return _chunk_detail(self.cma.alloc_from(regions, size, alignment, owner=MONITOR_OWNER))
+
+    def free(self, args: Arguments) -> object:
+        """Free any chunk, whoever owns it: the operator's override."""
+        addr = args.u64("addr")
+        args.done()
+        return _chunk_detail(self.cma.free(addr))
+
+    def read(self, args: Arguments) -> object:
+        """Guest bytes at [addr, addr+size), base64; size is 1..MAX_READ."""
+        addr = args.u64("addr")
+        size = args.u64("size")
+        args.done()
+        if not 0 < size <= MAX_READ:
+            raise EINVAL(f"size {size:#x} out of range: 1 to {MAX_READ:#x} bytes")
+        if addr + size - 1 > U64_MAX:
+            raise EINVAL(f"range {addr:#x}+{size:#x} overflows the address space")
+        reader = self.read_memory
+        if reader is None:
+            raise EOPNOTSUPP("no guest memory reader is attached to this monitor")
+        return self._read(reader, addr, size)
+
+    @staticmethod
+    async def _read(reader: MemoryReader, addr: int, size: int) -> object:
+        try:
+            data = await reader(addr, size)
+        except CmaError:
+            raise
+        except OSError as err:
+            raise EIO(f"reading {size:#x} bytes at {addr:#x}: {err}") from err
+        if len(data) != size:
+            raise EIO(f"reading {size:#x} bytes at {addr:#x}: got {len(data):#x} bytes")
+        return {"addr": addr, "size": size, "data": base64.b64encode(data).decode("ascii")}
