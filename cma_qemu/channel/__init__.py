@@ -5,7 +5,7 @@ from cma_qemu.channel.commands import GUEST_COMMANDS
 from cma_qemu.channel.framing import MAX_LINE, LineSplitter
 from cma_qemu.channel.messages import Request, RequestError, parse_request
 from cma_qemu.channel.server import ChannelServer, ResetHook
-from cma_qemu.channel.session import GuestSession
+from cma_qemu.channel.session import GuestSession, Pacing
 
 __all__ = [
     "GUEST_COMMANDS",
@@ -15,6 +15,7 @@ __all__ = [
     "ChannelServer",
     "GuestSession",
     "LineSplitter",
+    "Pacing",
     "Request",
     "RequestError",
     "ResetHook",
