@@ -1,0 +1,213 @@
+"""The guest's serial console, driven through pexpect.
+
+QEMU's first serial port is its stdio, and pexpect owns the pty behind it. The guest init
+prints ``cma-qemu: ready channel=NAME`` once the channel device exists, then runs a shell with
+the prompt ``cma# ``.
+
+:meth:`Console.run` gives exact output and exit status: the command goes through
+``eval`` between two markers that carry a fresh tag, and the markers are written with an empty
+``''`` inside the tag so the echoed command line can never match them (whether or not the tty
+echoes). After the ready marker the console is put in ``stty -echo`` (busybox then reads lines
+without its line editor, so nothing is redrawn) and ``dmesg -n 1`` (kernel messages stay in
+``dmesg`` instead of interleaving with command output).
+
+A daemon thread drains the console between commands: QEMU writes serial output with a
+blocking write, so a guest that prints while nobody reads the pty would stall QEMU's main
+loop, QMP included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shlex
+import threading
+import uuid
+from collections import deque
+from typing import Any, Protocol
+
+import pexpect
+
+from cma_qemu.errors import EIO, ETIMEDOUT
+
+__all__ = ["PROMPT", "READY_RE", "Console", "Transcript"]
+
+#: The guest init's ready line; group 1 is the channel the guest found.
+READY_RE = re.compile(r"cma-qemu: ready channel=(\S+?)\r*\n")
+#: The guest shell's prompt.
+PROMPT = "cma# "
+#: How many characters of console output the transcript keeps (the boot log is kept apart).
+TRANSCRIPT_LIMIT = 1 << 20
+
+
+class Transcript:
+    """Everything the console printed: a pexpect ``logfile_read`` with a bounded memory."""
+
+    def __init__(self, limit: int = TRANSCRIPT_LIMIT) -> None:
+        self._chunks: deque[str] = deque()
+        self._size = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def write(self, data: str) -> None:
+        with self._lock:
+            self._chunks.append(data)
+            self._size += len(data)
+            while self._size > self._limit and len(self._chunks) > 1:
+                self._size -= len(self._chunks.popleft())
+
+    def flush(self) -> None:
+        """Part of the file protocol pexpect expects; nothing is buffered."""
+
+    def text(self) -> str:
+        """The retained output with CRs removed."""
+        with self._lock:
+            return "".join(self._chunks).replace("\r", "")
+
+    def tail(self, lines: int = 20) -> list[str]:
+        """The last ``lines`` non-empty lines (for error messages)."""
+        return [ln for ln in self.text().splitlines() if ln.strip()][-lines:]
+
+
+class _Child(Protocol):
+    """The subset of ``pexpect.spawn`` the console uses (fakes implement this in tests)."""
+
+    before: Any
+    match: Any
+    logfile_read: Any
+
+    def expect(self, pattern: Any, timeout: float | None = ...) -> int: ...
+    def sendline(self, s: str = ...) -> int: ...
+    def read_nonblocking(self, size: int = ..., timeout: float | None = ...) -> Any: ...
+    def isalive(self) -> bool: ...
+
+
+class Console:
+    """The guest console of one machine: ready marker, exact command runs, interactive mode."""
+
+    def __init__(self, child: _Child, *, transcript: Transcript | None = None) -> None:
+        self._child = child
+        self.transcript = transcript or Transcript()
+        child.logfile_read = self.transcript
+        self._lock = threading.RLock()
+        self._boot_log: str | None = None
+        self.channel: str | None = None
+        self._pump: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- logs ---------------------------------------------------------------------------------
+
+    @property
+    def boot_log(self) -> str:
+        """Console output up to and including the ready marker (all output before it)."""
+        return self._boot_log if self._boot_log is not None else self.transcript.text()
+
+    @property
+    def log(self) -> str:
+        """All retained console output, CRs removed."""
+        return self.transcript.text()
+
+    def tail(self, lines: int = 20) -> str:
+        """The last console lines, formatted for an error message."""
+        return "\n".join(f"  | {ln}" for ln in self.transcript.tail(lines))
+
+    def _error(self, cls: type[EIO] | type[ETIMEDOUT], what: str) -> EIO | ETIMEDOUT:
+        tail = self.tail()
+        return cls(f"{what}; last console lines:\n{tail}" if tail else what, where="console")
+
+    def _expect(self, pattern: Any, timeout: float, what: str) -> int:
+        try:
+            return self._child.expect(pattern, timeout=timeout)
+        except pexpect.TIMEOUT:
+            raise self._error(ETIMEDOUT, f"{what}: no answer in {timeout:g} s") from None
+        except pexpect.EOF:
+            raise self._error(EIO, f"{what}: QEMU closed the console (it exited)") from None
+
+    # -- ready --------------------------------------------------------------------------------
+
+    def wait_ready_sync(self, timeout: float = 60.0, *, prepare: bool = True) -> str:
+        """Block until the ready marker; returns the channel the guest reported."""
+        with self._lock:
+            self._expect(READY_RE, timeout, "waiting for the guest's ready marker")
+            self.channel = str(self._child.match.group(1))
+            self._boot_log = self.transcript.text()
+            if prepare:
+                self.run_sync("stty -echo; dmesg -n 1", timeout=timeout)
+        self.start_pump()
+        return self.channel
+
+    async def wait_ready(self, timeout: float = 60.0, *, prepare: bool = True) -> str:
+        """Async :meth:`wait_ready_sync` (runs in a thread, so QMP events keep flowing)."""
+        return await asyncio.to_thread(self.wait_ready_sync, timeout, prepare=prepare)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def run_sync(self, cmd: str, timeout: float = 30.0) -> tuple[str, int]:
+        """Run one shell command line in the guest; ``(output, exit status)``, CRs stripped."""
+        tag = uuid.uuid4().hex[:16]
+        begin = re.compile(rf"__CMA_B_{tag}__\r*\n")
+        end = re.compile(rf"__CMA_E_{tag}_(\d+)__")
+        line = f"echo __CMA_B_''{tag}__; eval {shlex.quote(cmd)}; echo __CMA_E_''{tag}_$?__"
+        what = f"running {cmd!r} in the guest"
+        with self._lock:
+            self._child.sendline(line)
+            self._expect(begin, timeout, what)
+            self._expect(end, timeout, what)
+            status = int(self._child.match.group(1))
+            out = str(self._child.before).replace("\r", "")
+        return out.removesuffix("\n"), status
+
+    async def run(self, cmd: str, timeout: float = 30.0) -> tuple[str, int]:
+        """Async :meth:`run_sync`."""
+        return await asyncio.to_thread(self.run_sync, cmd, timeout)
+
+    async def check(self, cmd: str, timeout: float = 30.0) -> str:
+        """Output of ``cmd``; EIO naming the command and its status if it fails."""
+        out, status = await self.run(cmd, timeout)
+        if status != 0:
+            raise EIO(f"guest command {cmd!r} exited with status {status}: {out}", where="guest")
+        return out
+
+    # -- interactive --------------------------------------------------------------------------
+
+    def interact(self, escape_character: str = "\x1d") -> None:
+        """Hand the console to the user's terminal until they press Ctrl-] (the CLI's mode)."""
+        with self._lock:
+            with contextlib.suppress(EIO, ETIMEDOUT):
+                self.run_sync("stty echo", timeout=10)
+            try:
+                self._child.sendline("")
+                interact = self._child.interact  # type: ignore[attr-defined]
+                interact(escape_character=escape_character)
+            finally:
+                with contextlib.suppress(EIO, ETIMEDOUT):
+                    self.run_sync("stty -echo", timeout=10)
+
+    # -- draining -----------------------------------------------------------------------------
+
+    def start_pump(self) -> None:
+        """Start draining unsolicited output in the background (idempotent)."""
+        if self._pump is None:
+            self._pump = threading.Thread(target=self._drain, name="cma-console", daemon=True)
+            self._pump.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            if not self._lock.acquire(timeout=0.2):
+                continue
+            try:
+                self._child.read_nonblocking(65536, timeout=0.05)
+            except pexpect.TIMEOUT:
+                pass
+            except (pexpect.EOF, OSError, ValueError):
+                return
+            finally:
+                self._lock.release()
+            self._stop.wait(0.02)
+
+    def close(self) -> None:
+        """Stop the drain thread (the machine closes the pexpect child itself)."""
+        self._stop.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join(timeout=2)

@@ -1,0 +1,202 @@
+"""The device tree the guest boots with: QEMU's own tree, plus one ``/reserved-memory`` child
+per early CMA region.
+
+Design choices (see design.md, "Early regions in guest RAM"):
+
+* ``#address-cells``/``#size-cells`` of ``/reserved-memory`` copy the root's. Linux 6.1's
+  ``__reserved_mem_check_root()`` ignores the whole node unless both match the root and
+  ``ranges`` is present (virt's root is 2/2; Exynos' is 1/1, so "always 2/2" would be wrong).
+* Each child has ``reg`` and ``no-map``: that is what keeps the kernel off the range and lets
+  ``/dev/mem`` reach it under STRICT_DEVMEM. By default it also gets
+  ``compatible = "shared-dma-pool"``: on ARM the kernel then logs "Reserved memory: created DMA
+  memory pool at ..." per node (a positive confirmation that the verifier reads) and a guest
+  driver under test can bind a range with ``memory-region = <&...>``. The pool is only
+  instantiated for a device that references it, so unreferenced nodes stay plain holes. Pass
+  ``compatible=None`` to leave the nodes bare.
+* Node names are ``NAME@HEXSTART`` (private/unnamed regions: ``cma@HEXSTART``), with characters
+  a node name cannot hold replaced by ``-``; the original name also goes in a
+  ``cma-qemu,name`` string so the guest can map nodes back to regions exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import fdt
+
+from cma_qemu.errors import EADDRINUSE, EINVAL, EIO, ENODEV
+
+__all__ = [
+    "RESERVED_MEMORY",
+    "Reservation",
+    "add_reserved_memory",
+    "dump_qemu_dtb",
+    "node_name",
+    "reserved_memory_nodes",
+]
+
+#: Path of the node this module adds to.
+RESERVED_MEMORY = "/reserved-memory"
+#: Reservations as the region layer hands them over: (name or None, start, size).
+Reservation = tuple[str | None, int, int]
+
+_BAD_NODE_CHARS = re.compile(r"[^A-Za-z0-9,._+-]")
+
+
+def node_name(name: str | None, start: int) -> str:
+    """``NAME@HEXSTART`` (``cma@HEXSTART`` for unnamed regions), a valid DT node name."""
+    base = _BAD_NODE_CHARS.sub("-", name) if name else "cma"
+    return f"{base[:31]}@{start:x}"
+
+
+def dump_qemu_dtb(
+    qemu_args: Sequence[str],
+    *,
+    qemu: str = "qemu-system-arm",
+    timeout: float = 30.0,
+) -> bytes:
+    """QEMU's generated device tree for a machine, via ``-machine dumpdtb=FILE``.
+
+    ``qemu_args`` must contain exactly one ``-machine``/``-M`` option (the same one the real
+    launch uses); ``dumpdtb`` is appended to it so the tree matches that launch (QEMU 7.2 has
+    no QMP ``dumpdtb``). QEMU exits right after machine init, so this takes about 0.1 s.
+    """
+    args = list(qemu_args)
+    idx = [i for i, a in enumerate(args) if a in ("-M", "-machine")]
+    if len(idx) != 1 or idx[0] + 1 >= len(args):
+        raise EINVAL("need exactly one -machine option to dump the device tree", where="qemu")
+    with tempfile.TemporaryDirectory(prefix="cma-qemu-dtb-") as tmp:
+        out = Path(tmp) / "qemu.dtb"
+        args[idx[0] + 1] = f"{args[idx[0] + 1]},dumpdtb={out}"
+        try:
+            proc = subprocess.run(
+                [qemu, *args], capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except FileNotFoundError as exc:
+            raise ENODEV(f"{qemu} not found: install qemu-system-arm", where="qemu") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise EIO(f"{qemu} did not exit after dumping the device tree", where="qemu") from exc
+        if proc.returncode != 0 or not out.exists():
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            detail = msg[-1] if msg else f"exit status {proc.returncode}"
+            raise EIO(f"dumpdtb failed: {detail}", where="qemu")
+        return out.read_bytes()
+
+
+def _cells(value: int, n: int, what: str) -> list[int]:
+    """Big-endian 32-bit cells for ``value`` in ``n`` cells, or EINVAL if it does not fit."""
+    if value < 0 or value >= 1 << (32 * n):
+        raise EINVAL(f"{what} {value:#x} does not fit in {n} cell(s)", where="device tree")
+    return [(value >> (32 * (n - 1 - i))) & 0xFFFFFFFF for i in range(n)]
+
+
+def _int_prop(node: fdt.Node, name: str, default: int) -> int:
+    prop = node.get_property(name)
+    return int(prop.value) if prop is not None else default
+
+
+def add_reserved_memory(
+    dtb: bytes,
+    reservations: Iterable[Reservation],
+    *,
+    compatible: str | None = "shared-dma-pool",
+) -> bytes:
+    """``dtb`` with one ``/reserved-memory`` child (``reg`` + ``no-map``) per reservation.
+
+    An existing ``/reserved-memory`` node is kept and extended (its cells must match the
+    root's, or Linux ignores it); reservations overlapping each other or an existing child
+    raise EADDRINUSE naming both.
+    """
+    try:
+        tree = fdt.parse_dtb(dtb)
+    except Exception as exc:  # the fdt package raises bare Exceptions on bad blobs
+        raise EINVAL(f"not a valid DTB: {exc}", where="device tree") from exc
+    root = tree.get_node("/")
+    acells = _int_prop(root, "#address-cells", 2)
+    scells = _int_prop(root, "#size-cells", 1)
+
+    if tree.exist_node(RESERVED_MEMORY):
+        rmem = tree.get_node(RESERVED_MEMORY)
+        have = (_int_prop(rmem, "#address-cells", -1), _int_prop(rmem, "#size-cells", -1))
+        if have != (acells, scells):
+            raise EINVAL(
+                f"existing /reserved-memory has cells {have}, root has {(acells, scells)}",
+                where="device tree",
+            )
+    else:
+        rmem = fdt.Node("reserved-memory")
+        rmem.append(fdt.PropWords("#address-cells", acells))
+        rmem.append(fdt.PropWords("#size-cells", scells))
+        rmem.append(fdt.Property("ranges"))
+        root.append(rmem)
+
+    taken = [(n, s, z) for n, s, z in _children(rmem, acells, scells)]
+    for name, start, size in reservations:
+        if size <= 0:
+            raise EINVAL(f"reservation {name or 'cma'} has size {size}", where="device tree")
+        for other, ostart, osize in taken:
+            if start < ostart + osize and ostart < start + size:
+                raise EADDRINUSE(
+                    f"{name or 'private region'} {start:#x}-{start + size - 1:#x} overlaps "
+                    f"{other} {ostart:#x}-{ostart + osize - 1:#x}",
+                    where="device tree",
+                )
+        child = fdt.Node(node_name(name, start))
+        if compatible:
+            child.append(fdt.PropStrings("compatible", compatible))
+        child.append(
+            fdt.PropWords(
+                "reg",
+                *_cells(start, acells, "start"),
+                *_cells(size, scells, "size"),
+            )
+        )
+        child.append(fdt.Property("no-map"))
+        if name:
+            child.append(fdt.PropStrings("cma-qemu,name", name))
+        rmem.append(child)
+        taken.append((child.name, start, size))
+    out: bytes = tree.to_dtb(version=17)
+    return out
+
+
+def _children(rmem: fdt.Node, acells: int, scells: int) -> list[tuple[str, int, int]]:
+    """``(node name, start, size)`` of each child of ``rmem`` that has a ``reg``."""
+    found = []
+    for child in rmem.nodes:
+        reg = child.get_property("reg")
+        if reg is None:
+            continue
+        words = [int(w) for w in reg.data]
+        step = acells + scells
+        for i in range(0, len(words) - step + 1, step):
+            start = _join(words[i : i + acells])
+            size = _join(words[i + acells : i + step])
+            found.append((str(child.name), start, size))
+    return found
+
+
+def _join(words: Sequence[int]) -> int:
+    value = 0
+    for w in words:
+        value = (value << 32) | w
+    return value
+
+
+def reserved_memory_nodes(dtb: bytes) -> list[tuple[str, int, int, bool]]:
+    """``(node name, start, size, no_map)`` for every ``/reserved-memory`` child of ``dtb``."""
+    tree = fdt.parse_dtb(dtb)
+    if not tree.exist_node(RESERVED_MEMORY):
+        return []
+    rmem = tree.get_node(RESERVED_MEMORY)
+    acells = _int_prop(rmem, "#address-cells", 2)
+    scells = _int_prop(rmem, "#size-cells", 1)
+    out = []
+    for name, start, size in _children(rmem, acells, scells):
+        node = rmem.get_subnode(name)
+        out.append((name, start, size, node.get_property("no-map") is not None))
+    return out

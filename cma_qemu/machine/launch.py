@@ -1,0 +1,599 @@
+"""Launching QEMU for a board: the command line and the :class:`Machine` that owns the process.
+
+One ``Machine`` owns everything it creates and removes all of it on exit, whatever the exit
+(clean, exception, KeyboardInterrupt/cancellation, QEMU killed under it): the QEMU process, a
+0700 runtime directory with the QMP and channel sockets and the patched DTB, and on virt the
+shared RAM file in ``/dev/shm``. Belt and braces: QEMU gets ``PR_SET_PDEATHSIG`` so it dies
+with the agent, and a ``weakref.finalize`` kills it and removes the files if a ``Machine`` is
+dropped or the interpreter exits without ``close()``.
+
+Command-line choices:
+
+* ``-nodefaults -display none``: virt's default NIC wants ``efi-virtio.rom`` (not installed
+  without ipxe-qemu) and the default monitor would share the console; the console is
+  ``-chardev stdio,signal=off`` so Ctrl-C in interactive mode reaches the guest.
+* the channel chardev is always ``-chardev socket,id=cma0,...,server=on,wait=off``, wired to a
+  ``virtserialport`` (virt) or to the second ``-serial`` (smdkc210, ``/dev/ttySAC1``). The
+  port gets ``id=cmaport0`` because QEMU emits VSERPORT_CHANGE only for ports with an id.
+* virt RAM comes from ``memory-backend-file,share=on`` so the host mmaps guest RAM; smdkc210
+  ignores ``-m`` and memory backends, so it gets neither and is read with ``pmemsave``.
+* the DTB is QEMU's own (``dumpdtb`` with the very same machine options) or, on smdkc210, the
+  guest image's; either way patched with ``/reserved-memory`` and passed with ``-dtb``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import pexpect
+from qemu.qmp import QMPClient, QMPError
+
+from cma_qemu.errors import EINVAL, EIO, ENODEV, CmaError
+from cma_qemu.machine.console import Console
+from cma_qemu.machine.devicetree import Reservation, add_reserved_memory, dump_qemu_dtb
+from cma_qemu.machine.loader import (
+    LoadedRange,
+    check_reservations,
+    dtb_load_size,
+    loader_ranges,
+)
+from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory, PmemsaveGuestMemory
+from cma_qemu.machine.qmp import (
+    BoardLike,
+    EventHub,
+    QmpEvent,
+    Subscription,
+    connect_qmp,
+    ram_extent,
+)
+from cma_qemu.machine.verify import verify_reservations
+
+__all__ = [
+    "CHANNEL_CHARDEV",
+    "CHANNEL_PORT_ID",
+    "CONSOLE_CHARDEV",
+    "RAM_BACKEND_ID",
+    "GuestImageLike",
+    "LaunchFiles",
+    "Machine",
+    "console_device",
+    "kernel_cmdline",
+    "machine_args",
+    "qemu_command",
+    "uses_ram_file",
+]
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-arm"
+CONSOLE_CHARDEV = "console0"
+CHANNEL_CHARDEV = "cma0"
+RAM_BACKEND_ID = "ram0"
+VIRTIO_SERIAL_ID = "vser0"
+#: QEMU only sends VSERPORT_CHANGE for ports that have an ``id``.
+CHANNEL_PORT_ID = "cmaport0"
+_CONSOLES = {"virt": "ttyAMA0", "smdkc210": "ttySAC0"}
+MiB = 1024 * 1024
+
+
+class GuestImageLike(Protocol):
+    """What a launch needs from a guest image (``guest_image.GuestImage`` fits)."""
+
+    @property
+    def kernel(self) -> Path: ...
+    @property
+    def initrd(self) -> Path: ...
+    @property
+    def dtb(self) -> Path | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchFiles:
+    """Host paths one launch uses; all but ``ram_file`` live in ``runtime_dir``."""
+
+    runtime_dir: Path
+    qmp_socket: Path
+    channel_socket: Path
+    dtb: Path
+    ram_file: Path | None
+
+    @classmethod
+    def in_dir(cls, runtime_dir: Path, ram_file: Path | None) -> LaunchFiles:
+        return cls(
+            runtime_dir,
+            runtime_dir / "qmp.sock",
+            runtime_dir / "channel.sock",
+            runtime_dir / "guest.dtb",
+            ram_file,
+        )
+
+
+def _opt(value: str | os.PathLike[str]) -> str:
+    """A QemuOpts value: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes <= 0 or nbytes % MiB:
+        raise EINVAL(f"RAM size {nbytes:#x} is not a positive multiple of 1 MiB", where="board")
+    return f"{nbytes // MiB}M"
+
+
+def console_device(board: BoardLike) -> str:
+    """The guest's console tty (``console=``): the board's, or the machine's default."""
+    console = getattr(board, "console", None)
+    if console:
+        return str(console)
+    try:
+        return _CONSOLES[board.machine_type]
+    except KeyError:
+        raise EINVAL(f"no console known for QEMU machine {board.machine_type!r}") from None
+
+
+def uses_ram_file(board: BoardLike) -> bool:
+    """True when guest RAM is a shared file the host maps (virt with mmap access)."""
+    return board.machine_type == "virt" and board.memory_access == "mmap"
+
+
+def machine_args(board: BoardLike, ram_file: Path | None) -> list[str]:
+    """Machine, CPU and RAM options: shared by the real launch and the ``dumpdtb`` run."""
+    _, total, _ = ram_extent(board)
+    mopts = board.machine_type
+    args: list[str] = []
+    if ram_file is not None:
+        mopts += f",memory-backend={RAM_BACKEND_ID}"
+        args += [
+            "-object",
+            f"memory-backend-file,id={RAM_BACKEND_ID},size={_size(total)},"
+            f"mem-path={_opt(ram_file)},share=on",
+        ]
+    args = ["-M", mopts, *args]
+    if board.cpu:
+        args += ["-cpu", board.cpu]
+    if board.machine_type != "smdkc210":  # fixed 1 GiB; QEMU ignores -m there
+        args += ["-m", _size(total)]
+    return [*args, "-nodefaults", "-no-user-config", "-display", "none"]
+
+
+def kernel_cmdline(board: BoardLike, extra: Sequence[str] = ()) -> str:
+    """``console=... cma=0 cma_qemu.channel=NAME``: no kernel CMA area, the channel for init."""
+    parts = [f"console={console_device(board)}", "cma=0", f"cma_qemu.channel={board.channel.name}"]
+    return " ".join([*parts, *extra])
+
+
+def channel_args(board: BoardLike, socket_path: Path) -> list[str]:
+    """The guest channel: a virtserialport (virt) or the second UART (smdkc210)."""
+    chardev = f"socket,id={CHANNEL_CHARDEV},path={_opt(socket_path)},server=on,wait=off"
+    if board.channel.kind == "virtio-serial":
+        return [
+            "-device",
+            f"virtio-serial-device,id={VIRTIO_SERIAL_ID}",
+            "-chardev",
+            chardev,
+            "-device",
+            f"virtserialport,bus={VIRTIO_SERIAL_ID}.0,chardev={CHANNEL_CHARDEV},id={CHANNEL_PORT_ID},"
+            f"name={_opt(board.channel.name)}",
+        ]
+    if board.channel.kind == "uart":
+        return ["-chardev", chardev, "-serial", f"chardev:{CHANNEL_CHARDEV}"]
+    raise EINVAL(f"unknown channel kind {board.channel.kind!r}", where="board")
+
+
+def qemu_command(
+    board: BoardLike,
+    image: GuestImageLike,
+    files: LaunchFiles,
+    *,
+    append: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    qemu: str = QEMU,
+) -> list[str]:
+    """The full QEMU argv (``argv[0]`` is ``qemu``)."""
+    return [
+        qemu,
+        *machine_args(board, files.ram_file),
+        "-chardev",
+        f"stdio,id={CONSOLE_CHARDEV},signal=off",
+        "-serial",
+        f"chardev:{CONSOLE_CHARDEV}",
+        *channel_args(board, files.channel_socket),
+        "-qmp",
+        f"unix:{_opt(files.qmp_socket)},server=on,wait=off",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-dtb",
+        str(files.dtb),
+        "-append",
+        kernel_cmdline(board, append),
+        *extra_args,
+    ]
+
+
+def _runtime_parent() -> str | None:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return xdg if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK) else None
+
+
+def _pdeathsig() -> None:
+    """In the forked child: die with the parent (Linux ``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+class _Leftovers:
+    """What the finalizer must undo if a Machine is dropped without ``close()``."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.paths: list[Path] = []
+
+    def __call__(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(self.pid, 0)
+            self.pid = None
+        for p in self.paths:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        self.paths.clear()
+
+
+class Machine:
+    """A QEMU guest this process launched and owns; ``async with Machine(board) as m: ...``.
+
+    After start: ``qmp`` (a connected ``QMPClient``), ``console``, ``memory``,
+    ``channel_path`` (the host end of the guest channel), ``qmp_path``, ``events``
+    (RESET/SHUTDOWN/STOP/VSERPORT_CHANGE/... via :meth:`subscribe`/:meth:`on_event`),
+    ``loaded`` (the loader's ranges) and ``boot_time`` (start to ready marker, seconds).
+    """
+
+    def __init__(
+        self,
+        board: BoardLike,
+        reservations: Sequence[Reservation] = (),
+        *,
+        image: GuestImageLike | None = None,
+        qemu: str = QEMU,
+        append: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        boot_timeout: float = 120.0,
+        qmp_timeout: float = 15.0,
+        wait_ready: bool = True,
+        verify: bool = True,
+        dtb_compatible: str | None = "shared-dma-pool",
+        runtime_parent: str | os.PathLike[str] | None = None,
+        ram_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.board = board
+        self.reservations: tuple[Reservation, ...] = tuple(reservations)
+        self._image = image
+        self._qemu = qemu
+        self._append = tuple(append)
+        self._extra = tuple(extra_args)
+        self.boot_timeout = boot_timeout
+        self.qmp_timeout = qmp_timeout
+        self._wait_ready = wait_ready
+        self._verify = verify
+        self._compatible = dtb_compatible
+        self._runtime_parent = runtime_parent
+        self._ram_dir = ram_dir
+
+        self.files: LaunchFiles | None = None
+        self.argv: list[str] = []
+        self.loaded: list[LoadedRange] = []
+        self.boot_time: float | None = None
+        self.guest_channel: str | None = None
+        self._child: pexpect.spawn[str] | None = None
+        self._qmp: QMPClient | None = None
+        self._console: Console | None = None
+        self._memory: GuestMemory | None = None
+        self._events: EventHub | None = None
+        self._exited = asyncio.Event()
+        self._pidfd: int | None = None
+        self._closing = False
+        self._closed = False
+        self._leftovers = _Leftovers()
+        self._finalizer = weakref.finalize(self, self._leftovers)
+        self.exit_status: int | None = None
+
+    # -- accessors ------------------------------------------------------------------------
+
+    def _need(self, value: Any, what: str) -> Any:
+        if value is None:
+            raise EIO(f"machine {self.board.name} is not running ({what})", where="machine")
+        return value
+
+    @property
+    def qmp(self) -> QMPClient:
+        q: QMPClient = self._need(self._qmp, "qmp")
+        return q
+
+    @property
+    def console(self) -> Console:
+        c: Console = self._need(self._console, "console")
+        return c
+
+    @property
+    def memory(self) -> GuestMemory:
+        m: GuestMemory = self._need(self._memory, "memory")
+        return m
+
+    @property
+    def events(self) -> EventHub:
+        e: EventHub = self._need(self._events, "events")
+        return e
+
+    @property
+    def runtime_dir(self) -> Path:
+        f: LaunchFiles = self._need(self.files, "files")
+        return f.runtime_dir
+
+    @property
+    def qmp_path(self) -> Path:
+        f: LaunchFiles = self._need(self.files, "files")
+        return f.qmp_socket
+
+    @property
+    def channel_path(self) -> Path:
+        f: LaunchFiles = self._need(self.files, "files")
+        return f.channel_socket
+
+    @property
+    def ram_path(self) -> Path | None:
+        return self.files.ram_file if self.files else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the QEMU process exists."""
+        return self._child is not None and not self._exited.is_set()
+
+    def subscribe(self, *names: str) -> Subscription:
+        """Events with these names (all if none), as an async iterator."""
+        return self.events.subscribe(*names)
+
+    def on_event(self, callback: Callable[[QmpEvent], Any], *names: str) -> Callable[[], None]:
+        """Call ``callback`` for each event with these names; returns an unsubscriber."""
+        return self.events.on(callback, *names)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Machine:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> Machine:
+        """Prepare files, launch QEMU, connect QMP, wait for the guest (cleans up on failure)."""
+        if self._child is not None or self._closed:
+            raise EIO("a Machine starts once", where="machine")
+        t0 = time.monotonic()
+        try:
+            await self._prepare()
+            self._spawn()
+            assert self.files is not None
+            self._qmp = await connect_qmp(
+                self.files.qmp_socket,
+                timeout=self.qmp_timeout,
+                name=f"cma-qemu-{self.board.name}",
+                alive=lambda: not self._exited.is_set(),
+            )
+            self._events = EventHub(self._qmp)
+            self._events.start()
+            self._memory = self._open_memory()
+            if self._wait_ready:
+                self.guest_channel = await self.console.wait_ready(self.boot_timeout)
+                self.boot_time = time.monotonic() - t0
+                if self._verify and self.reservations:
+                    await verify_reservations(self.console, self.reservations)
+        except CmaError as exc:
+            await self._fail_close()
+            if isinstance(exc, EIO | ENODEV) and self._console is not None:
+                tail = self._console.tail()
+                if tail and tail not in exc.message:
+                    exc.message += f"; last console lines:\n{tail}"
+            raise
+        except BaseException:
+            await self._fail_close()
+            raise
+        return self
+
+    async def _fail_close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.close(timeout=2.0)
+
+    async def _prepare(self) -> None:
+        """Runtime dir, RAM file, guest image, DTB; checks reservations against the loader."""
+        board = self.board
+        base, total, _ = ram_extent(board)
+        runtime = Path(
+            tempfile.mkdtemp(prefix="cma-qemu-", dir=self._runtime_parent or _runtime_parent())
+        )
+        self._leftovers.paths.append(runtime)
+        ram_file = None
+        if uses_ram_file(board):
+            ram_dir = self._ram_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else runtime)
+            fd, name = tempfile.mkstemp(prefix="cma-qemu-", suffix=".ram", dir=ram_dir)
+            os.close(fd)
+            ram_file = Path(name)
+            self._leftovers.paths.append(ram_file)
+        self.files = files = LaunchFiles.in_dir(runtime, ram_file)
+
+        image = self._image
+        if image is None:
+            from cma_qemu.machine.guest_image import find_guest
+
+            image = self._image = find_guest(board.kernel_flavour)
+        for p in (image.kernel, image.initrd):
+            if not Path(p).is_file():
+                raise ENODEV(f"guest file {p} is missing; run `cma-qemu guest build`")
+
+        if board.machine_type == "virt":
+            margs = machine_args(board, ram_file)
+            dtb = await asyncio.to_thread(dump_qemu_dtb, margs, qemu=self._qemu)
+        else:
+            if image.dtb is None or not Path(image.dtb).is_file():
+                raise ENODEV(f"the guest image has no device tree for {board.machine_type}")
+            dtb = Path(image.dtb).read_bytes()
+        patched = add_reserved_memory(dtb, self.reservations, compatible=self._compatible)
+        self.loaded = loader_ranges(
+            board.machine_type,
+            base,
+            total,
+            Path(image.kernel),
+            Path(image.initrd),
+            dtb_load_size(len(patched)),
+        )
+        check_reservations(self.loaded, self.reservations)
+        files.dtb.write_bytes(patched)
+        self.argv = qemu_command(
+            board, image, files, append=self._append, extra_args=self._extra, qemu=self._qemu
+        )
+
+    def _spawn(self) -> None:
+        if shutil.which(self._qemu) is None:
+            raise ENODEV(f"{self._qemu} not found: install qemu-system-arm", where="qemu")
+        log.info("launching %s", " ".join(self.argv))
+        child = pexpect.spawn(
+            self.argv[0],
+            self.argv[1:],
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=None,
+            echo=False,
+            dimensions=(50, 250),
+            preexec_fn=_pdeathsig,
+        )
+        child.delaybeforesend = None
+        self._child = child
+        pid = child.pid
+        assert pid is not None
+        self._leftovers.pid = pid
+        self._console = Console(child)
+        with contextlib.suppress(OSError, AttributeError):
+            self._pidfd = os.pidfd_open(pid)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        """pidfd readable: QEMU exited (reaping stays with pexpect)."""
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+        self._exited.set()
+        if not self._closing:
+            log.warning("QEMU for %s exited unexpectedly", self.board.name)
+        if self._events is not None:
+            task = asyncio.ensure_future(self._events.close())
+            task.add_done_callback(lambda _t: None)
+
+    def _open_memory(self) -> GuestMemory:
+        assert self.files is not None and self._qmp is not None
+        base, total, banks = ram_extent(self.board)
+        if self.files.ram_file is not None:
+            return MmapGuestMemory(self.files.ram_file, base, total, banks)
+        return PmemsaveGuestMemory(self._qmp, self.files.runtime_dir, base, total, banks)
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:
+        """Wait until QEMU exits; False on timeout."""
+        if self._child is None:
+            return True
+        if self._pidfd is None:  # no pidfd: poll
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._child.isalive():
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.05)
+            self._exited.set()
+            return True
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def quit(self, timeout: float = 5.0) -> bool:
+        """Ask QEMU to quit over QMP; True if it exited within ``timeout``."""
+        if self._qmp is not None and not self._exited.is_set():
+            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError, RuntimeError):
+                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+        return await self.wait_exit(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL QEMU now (cleanup still happens on close)."""
+        pid = self.pid
+        if pid is not None and not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Quit QEMU (QMP ``quit``, then SIGKILL) and remove every file; idempotent."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        try:
+            if self._child is not None and not await self.quit(timeout):
+                log.warning("QEMU for %s ignored quit; killing it", self.board.name)
+                self.kill()
+                await self.wait_exit(timeout)
+            if self._events is not None:
+                await self._events.close()
+            if self._qmp is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._qmp.disconnect(), timeout)
+            if self._memory is not None:
+                await self._memory.close()
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        """The synchronous, always-run part of close: process, console, files."""
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+        if isinstance(self._memory, MmapGuestMemory):
+            with contextlib.suppress(Exception):
+                self._memory.close_sync()
+        if self._console is not None:
+            self._console.close()
+        if self._child is not None:
+            with contextlib.suppress(Exception):
+                self._child.close(force=True)
+            self.exit_status = self._child.exitstatus
+            if self._child.signalstatus is not None:
+                self.exit_status = -self._child.signalstatus
+        self._leftovers()
+        self._finalizer.detach()

@@ -1,0 +1,92 @@
+"""One smdkc210 boot: reservations honoured in a DTB QEMU did not make, UART channel,
+pmemsave reads, and the loader rules on a second board."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from cma_qemu.errors import EOPNOTSUPP, CmaError
+from cma_qemu.machine.launch import Machine
+from cma_qemu.machine.loader import covering
+from cma_qemu.machine.memory import PmemsaveGuestMemory
+from cma_qemu.machine.qmp import find_channel_chardev, memory_backends, ram_ranges, rom_entries
+from cma_qemu.machine.verify import parse_iomem, system_ram
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
+]
+
+MiB = 1 << 20
+RESERVATIONS = [("fimc", 0x60000000, 16 * MiB), (None, 0x62000000, MiB)]
+
+
+def board() -> Any:
+    from cma_qemu.boards import load_board
+
+    return load_board("smdkc210")
+
+
+def guest_or_skip(flavour: str) -> Any:
+    from cma_qemu.machine.guest_image import build_guest, find_guest
+
+    try:
+        return find_guest(flavour)
+    except CmaError:
+        try:
+            return build_guest(flavour)
+        except CmaError as exc:
+            pytest.skip(f"no guest image for {flavour}: {exc}")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def smdk() -> AsyncIterator[Machine]:
+    b = board()
+    async with Machine(b, RESERVATIONS, image=guest_or_skip(b.kernel_flavour)) as m:
+        print(f"\nsmdkc210: ready marker after {m.boot_time:.2f} s through Machine")
+        yield m
+
+
+async def test_holes_and_uart_channel(smdk: Machine) -> None:
+    iomem, _ = await smdk.console.run("cat /proc/iomem")
+    ram = system_ram(parse_iomem(iomem))
+    for _, start, size in RESERVATIONS:
+        assert not any(e.overlaps(start, size) for e in ram)
+    assert any(e.end == 0x60000000 for e in ram) and any(e.start == 0x61000000 for e in ram)
+    assert any(e.start == 0x62100000 for e in ram)
+    assert smdk.guest_channel == "/dev/ttySAC1"
+    dev = await find_channel_chardev(smdk.qmp, smdk.channel_path, board())
+    assert dev.label == "cma0"
+
+
+async def test_pmemsave_reads_what_the_guest_wrote(smdk: Machine) -> None:
+    assert isinstance(smdk.memory, PmemsaveGuestMemory)
+    assert smdk.ram_path is None and await memory_backends(smdk.qmp) == []
+    out, status = await smdk.console.run("devmem 0x62000040 32 0xA5A55A5A")
+    assert status == 0, out
+    assert await smdk.memory.read(0x62000040, 4) == (0xA5A55A5A).to_bytes(4, "little")
+    with pytest.raises(EOPNOTSUPP):
+        await smdk.memory.write(0x62000040, b"\0")
+    ram = {(r.name, r.start, r.size) for r in await ram_ranges(smdk.qmp)}
+    assert ("exynos4210.dram0", 0x40000000, 1 << 30) in ram  # plus the 128 KiB iram at 0x2020000
+
+
+async def test_loader_ranges_match_info_roms(smdk: Machine) -> None:
+    image = guest_or_skip("armmp")
+    roms = {r.name.rsplit("/", 1)[-1]: r for r in await rom_entries(smdk.qmp) if r.addr}
+    assert roms["bootloader"].addr == covering(smdk.loaded, "bootloader").start
+    kernel = covering(smdk.loaded, "kernel")
+    zimage = roms[Path(image.kernel).name]
+    assert zimage.addr is not None and kernel.start <= zimage.addr
+    assert zimage.addr + zimage.size <= kernel.end
+    initrd, dtb = covering(smdk.loaded, "initrd"), covering(smdk.loaded, "dtb")
+    assert (roms[Path(image.initrd).name].addr, roms[Path(image.initrd).name].size) == (
+        initrd.start, initrd.size)  # fmt: skip
+    assert (roms["dtb"].addr, roms["dtb"].size) == (dtb.start, dtb.size)

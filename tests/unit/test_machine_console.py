@@ -1,0 +1,87 @@
+"""The console driver against a real host shell under pexpect (no QEMU needed)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pexpect
+import pytest
+
+from cma_qemu.errors import EIO, ETIMEDOUT
+from cma_qemu.machine.console import READY_RE, Console, Transcript
+
+pytestmark = pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+
+BOOT = (
+    "echo 'booting...'; sleep 0.2; echo 'cma-qemu: ready channel=/dev/vport0p1'; "
+    "PS1='cma# ' exec sh -i"
+)
+
+
+@pytest.fixture
+def console() -> Iterator[Console]:
+    child = pexpect.spawn("sh", ["-c", BOOT], encoding="utf-8", echo=True, timeout=None)
+    con = Console(child)
+    try:
+        yield con
+    finally:
+        con.close()
+        child.close(force=True)
+
+
+async def test_ready_and_exact_runs(console: Console) -> None:
+    assert await console.wait_ready(10, prepare=False) == "/dev/vport0p1"
+    assert "booting..." in console.boot_log
+    assert await console.run("echo hello") == ("hello", 0)
+    assert await console.run("printf 'a\\nb\\n'; false") == ("a\nb", 1)
+    assert await console.run("printf 'no newline'") == ("no newline", 0)
+    assert await console.run("(exit 42)") == ("", 42)
+    # quotes, semicolons and a trailing ; survive the eval wrapper
+    assert await console.run("""echo "it's"; echo '$HOME';""") == ("it's\n$HOME", 0)
+    # the echoed command line never leaks into the output
+    out, _ = await console.run("echo __CMA_E_fake_0__")
+    assert out == "__CMA_E_fake_0__"
+    assert await console.check("echo ok") == "ok"
+    with pytest.raises(EIO, match="exited with status 3"):
+        await console.check("exit_with() { return 3; }; exit_with")
+    assert "hello" in console.log
+
+
+async def test_timeout_names_last_lines(console: Console) -> None:
+    await console.wait_ready(10, prepare=False)
+    with pytest.raises(ETIMEDOUT) as err:
+        await console.run("echo before-sleep; sleep 5", timeout=0.5)
+    assert "last console lines" in str(err.value)
+    assert "before-sleep" in str(err.value)
+
+
+async def test_ready_timeout_and_eof() -> None:
+    child = pexpect.spawn("sh", ["-c", "echo kernel panic; sleep 5"], encoding="utf-8")
+    con = Console(child)
+    try:
+        with pytest.raises(ETIMEDOUT, match="kernel panic"):
+            await con.wait_ready(0.5, prepare=False)
+    finally:
+        child.close(force=True)
+    child = pexpect.spawn("sh", ["-c", "echo qemu-system-arm: bad option"], encoding="utf-8")
+    con = Console(child)
+    try:
+        with pytest.raises(EIO, match="QEMU closed the console"):
+            await con.wait_ready(5, prepare=False)
+    finally:
+        child.close(force=True)
+
+
+def test_ready_regex_waits_for_end_of_line() -> None:
+    assert READY_RE.search("cma-qemu: ready channel=/dev") is None
+    m = READY_RE.search("cma-qemu: ready channel=/dev/ttySAC1\r\r\n")
+    assert m is not None and m.group(1) == "/dev/ttySAC1"
+
+
+def test_transcript_is_bounded() -> None:
+    t = Transcript(limit=10)
+    for i in range(10):
+        t.write(f"line{i}\r\n")
+    assert "line9" in t.text() and "line0" not in t.text()
+    assert t.tail(1) == ["line9"]
