@@ -1,0 +1,278 @@
+"""The agent: one board's framework, QEMU machine, guest channel and monitor, wired together.
+
+Front ends (the CLI, the pytest plugin) only talk to an :class:`Agent`; the layers below it
+do not know about each other beyond what design.md allows (the machine knows QEMU, the channel
+knows the framework, the monitor knows both through callables).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from cma_qemu.boards import Board
+from cma_qemu.channel import ChannelServer, Pacing
+from cma_qemu.errors import EIO
+from cma_qemu.framework import Chunk, Cma
+from cma_qemu.machine.guest_image import find_guest
+from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
+from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
+from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach
+from cma_qemu.monitor import Monitor
+from cma_qemu.replay import build_cma
+
+__all__ = ["Agent", "ScriptResult", "expected_pattern", "find_mismatch"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+_GUEST_SCRIPT = "/tmp/cma-script"
+_B64_LINE = 512  # well under the tty's 4095-byte canonical line
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """What ``cma-test`` printed in the guest for one script, and its exit status."""
+
+    stdout: str
+    stderr: str
+    status: int
+
+
+def expected_pattern(pattern: int, nwords: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    """``word[i] = (pattern + i) mod 2^32``, the stub's ``write`` fill (docs/line-format.md)."""
+    return (np.arange(nwords, dtype=np.uint64) + pattern).astype(np.uint32)
+
+
+def find_mismatch(data: bytes | memoryview, size: int, pattern: int) -> int | None:
+    """Byte offset of the first word of ``data`` that breaks the pattern over ``size`` bytes."""
+    nwords = (size + 3) // 4
+    words = np.frombuffer(data, dtype="<u4", count=nwords)
+    bad = np.flatnonzero(words != expected_pattern(pattern, nwords))
+    return int(bad[0]) * 4 if bad.size else None
+
+
+class Agent:
+    """A board with CMA: build it with :meth:`boot` or :meth:`attach`, then ``close()``.
+
+    ``cma`` is the framework (query it freely), ``memory`` reads guest RAM, ``console`` runs
+    guest commands (booted machines only), ``monitor_path`` is the QMP socket for inspection
+    scripts.
+    """
+
+    def __init__(
+        self,
+        board: Board,
+        cma: Cma,
+        machine: Machine | AttachedMachine,
+        channel: ChannelServer,
+        monitor: Monitor,
+        monitor_path: Path,
+    ) -> None:
+        self.board = board
+        self.cma = cma
+        self.machine = machine
+        self.channel = channel
+        self.monitor = monitor
+        self.monitor_path = monitor_path
+        self.port = board.channel.name
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    async def boot(
+        cls,
+        board: Board,
+        *,
+        regions: str | None = None,
+        map_text: str | None = None,
+        asterisk: str | None = None,
+        monitor_path: Path | None = None,
+        boot_timeout: float = 120.0,
+        progress: Progress | None = None,
+    ) -> Agent:
+        """Place the regions, boot the board with them reserved, verify, serve the guest."""
+        say = progress or (lambda _message: None)
+        say("placing the CMA regions")
+        cma = build_cma(board=board, regions=regions, map_text=map_text, asterisk=asterisk)
+        image = find_guest(board.kernel_flavour)
+        reservations = [(r.name, r.start, r.size) for r in cma.regions]
+        machine = Machine(board, reservations, image=image, boot_timeout=boot_timeout)
+        say(f"booting {board.name} ({board.machine_type}, {board.kernel_flavour} kernel)")
+        await machine.start()
+        say(f"guest up in {machine.boot_time or 0:.1f} s; reservations verified in the guest")
+        try:
+            return await cls._serve(board, cma, machine, monitor_path or machine.runtime_dir)
+        except BaseException:
+            await machine.close()
+            raise
+
+    @classmethod
+    async def attach(
+        cls,
+        board: Board,
+        qmp_path: Path,
+        channel_path: Path,
+        *,
+        regions: str | None = None,
+        map_text: str | None = None,
+        asterisk: str | None = None,
+        monitor_path: Path | None = None,
+    ) -> Agent:
+        """Serve a QEMU someone else started (a test harness): its QMP and channel sockets.
+
+        The regions are placed as at boot; the caller is responsible for having booted the
+        guest with them reserved (``cma-qemu boot --json`` prints them).
+        """
+        cma = build_cma(board=board, regions=regions, map_text=map_text, asterisk=asterisk)
+        machine = await attach(qmp_path, channel_path, board)
+        try:
+            runtime = monitor_path.parent if monitor_path else Path(qmp_path).parent
+            return await cls._serve(board, cma, machine, monitor_path or runtime)
+        except BaseException:
+            await machine.close()
+            raise
+
+    @classmethod
+    async def _serve(
+        cls, board: Board, cma: Cma, machine: Machine | AttachedMachine, monitor_at: Path
+    ) -> Agent:
+        monitor_path = monitor_at / "monitor.sock" if monitor_at.is_dir() else monitor_at
+        monitor = Monitor(cma)
+        channel = ChannelServer(cma, on_reset=monitor.guest_reset)
+        agent = cls(board, cma, machine, channel, monitor, monitor_path)
+        monitor.read_memory = agent.read
+        try:
+            await monitor.start(monitor_path)
+            pacing = Pacing() if board.channel.kind == "uart" else None
+            channel.add_port(board.channel.name, machine.channel_path, pacing=pacing)
+            await channel.wait_connected(board.channel.name, timeout=15)
+            agent._follow_events()
+        except BaseException:
+            await agent._close_serving()
+            raise
+        return agent
+
+    def _follow_events(self) -> None:
+        """RESET releases the guest's chunks; a closed virtio port releases them too."""
+        events = self.machine.events
+
+        def on_reset(event: QmpEvent) -> None:
+            released = self.channel.reset(reason="reset")
+            log.info("guest reset: released %d chunk(s)", len(released))
+
+        def on_port(event: QmpEvent) -> None:
+            if event.data.get("id") == CHANNEL_PORT_ID and not event.data.get("open", True):
+                self.channel.port_closed(self.port)
+
+        self._unsubscribe.append(events.on(on_reset, "RESET"))
+        self._unsubscribe.append(events.on(on_port, "VSERPORT_CHANGE"))
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _close_serving(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            with contextlib.suppress(Exception):
+                unsubscribe()
+        self._unsubscribe.clear()
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+        with contextlib.suppress(Exception):
+            await self.monitor.close()
+
+    async def close(self) -> None:
+        """Stop serving and shut the machine down (an attached QEMU keeps running)."""
+        await self._close_serving()
+        await self.machine.close()
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ guest memory
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest physical memory: mmap on virt, pmemsave on smdkc210."""
+        return self.machine.memory
+
+    async def read(self, addr: int, size: int) -> bytes:
+        """Guest bytes at a guest physical address."""
+        return await self.memory.read(addr, size)
+
+    async def find_mismatch(
+        self, chunk: Chunk, pattern: int, size: int | None = None
+    ) -> int | None:
+        """Check the stub's ``write`` pattern in ``chunk`` from the host side.
+
+        Reads through the mmap view when there is one (no copy), else through QMP.
+        """
+        nbytes = chunk.requested if size is None else size
+        span = (nbytes + 3) // 4 * 4
+        memory = self.memory
+        if isinstance(memory, MmapGuestMemory):
+            return find_mismatch(memory.view(chunk.start, span), nbytes, pattern)
+        return find_mismatch(await memory.read(chunk.start, span), nbytes, pattern)
+
+    # ------------------------------------------------------------------ guest commands
+    @property
+    def console(self) -> Any:
+        """The guest console (booted machines only)."""
+        if not isinstance(self.machine, Machine):
+            raise EIO("an attached machine has no console here", where="agent")
+        return self.machine.console
+
+    async def guest_run(self, cmd: str, timeout: float = 60.0) -> tuple[str, int]:
+        """Run a shell command in the guest: (output, exit status)."""
+        out, status = await self.console.run(cmd, timeout)
+        return str(out), int(status)
+
+    async def _check(self, cmd: str, timeout: float = 60.0) -> str:
+        out, status = await self.guest_run(cmd, timeout)
+        if status:
+            raise EIO(f"guest command {cmd!r} failed with status {status}: {out}", where="guest")
+        return out
+
+    async def put_file(self, path: str, data: bytes) -> None:
+        """Copy bytes into a guest file over the console (base64, in short lines)."""
+        encoded = base64.b64encode(data).decode("ascii")
+        await self._check(f": > {path}.b64")
+        for offset in range(0, len(encoded), _B64_LINE):
+            await self._check(f"echo {encoded[offset : offset + _B64_LINE]} >> {path}.b64")
+        await self._check(f"base64 -d {path}.b64 > {path} && rm {path}.b64")
+
+    async def get_file(self, path: str) -> bytes:
+        """A guest file's exact bytes (base64 over the console, so no tty translation)."""
+        encoded = await self._check(f"base64 {path}")
+        return base64.b64decode(re.sub(r"\s+", "", encoded))
+
+    async def run_script(self, text: str, timeout: float = 120.0) -> ScriptResult:
+        """Run a script with ``cma-test`` in the guest; its exact stdout and stderr."""
+        await self.put_file(_GUEST_SCRIPT, text.encode("utf-8", "surrogateescape"))
+        _, status = await self.guest_run(
+            f"cma-test < {_GUEST_SCRIPT} > {_GUEST_SCRIPT}.out 2> {_GUEST_SCRIPT}.err", timeout
+        )
+        out = await self.get_file(f"{_GUEST_SCRIPT}.out")
+        err = await self.get_file(f"{_GUEST_SCRIPT}.err")
+        return ScriptResult(
+            out.decode("utf-8", "surrogateescape"), err.decode("utf-8", "surrogateescape"), status
+        )
+
+    def chunks_of_guest(self) -> list[Chunk]:
+        """The live chunks the guest on this board's channel owns."""
+        owner = ChannelServer.owner_for(self.port)
+        return [c for c in self.cma.chunks if c.owner == owner]
