@@ -18,7 +18,14 @@ from cma_qemu.errors import EINVAL, EIO, EOPNOTSUPP, CmaError
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.regions import Region
 
-__all__ = ["MAX_READ", "MONITOR_OWNER", "MemoryReader", "MonitorCommands"]
+__all__ = [
+    "MAX_READ",
+    "MONITOR_OWNER",
+    "MemoryReader",
+    "MonitorCommands",
+    "chunk_detail",
+    "region_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,8 @@ MemoryReader: TypeAlias = Callable[[int, int], Awaitable[bytes]]
 _Handler: TypeAlias = Callable[[Arguments], object]
 
 
-def _region_json(region: Region, holes: bool) -> dict[str, object]:
+def region_json(region: Region, holes: bool) -> dict[str, object]:
+    """A region as ``query-cma-regions`` reports it (also what the terminal views draw)."""
     data: dict[str, object] = {
         "name": region.name,
         "start": region.start,
@@ -50,7 +58,8 @@ def _region_json(region: Region, holes: bool) -> dict[str, object]:
     return data
 
 
-def _chunk_detail(chunk: Chunk) -> dict[str, object]:
+def chunk_detail(chunk: Chunk) -> dict[str, object]:
+    """A chunk as ``query-cma-chunks`` reports it."""
     data = chunk_json(chunk)
     data["requested"] = chunk.requested
     data["refcount"] = chunk.refcount
@@ -93,12 +102,12 @@ class MonitorCommands:
         """Regions with free space, users and allocators; ``holes: true`` adds the free blocks."""
         holes = args.boolean("holes", False)
         args.done()
-        return [_region_json(r, holes) for r in self.cma.regions]
+        return [region_json(r, holes) for r in self.cma.regions]
 
     def query_chunks(self, args: Arguments) -> object:
         """Every live chunk with its owner and refcount."""
         args.done()
-        return [_chunk_detail(c) for c in self.cma.chunks]
+        return [chunk_detail(c) for c in self.cma.chunks]
 
     def query_map(self, args: Arguments) -> object:
         """The map and asterisk attributes as text (empty: unset)."""
@@ -156,7 +165,7 @@ class MonitorCommands:
         size = args.u64("size")
         alignment = args.u64("alignment", 0)
         args.done()
-        return _chunk_detail(self.cma.alloc(dev, kind, size, alignment, owner=MONITOR_OWNER))
+        return chunk_detail(self.cma.alloc(dev, kind, size, alignment, owner=MONITOR_OWNER))
 
     def alloc_from(self, args: Arguments) -> object:
         """``cma_alloc_from`` on behalf of the operator (owner ``monitor``)."""
@@ -164,13 +173,13 @@ class MonitorCommands:
         size = args.u64("size")
         alignment = args.u64("alignment", 0)
         args.done()
-        return _chunk_detail(self.cma.alloc_from(regions, size, alignment, owner=MONITOR_OWNER))
+        return chunk_detail(self.cma.alloc_from(regions, size, alignment, owner=MONITOR_OWNER))
 
     def free(self, args: Arguments) -> object:
         """Free any chunk, whoever owns it: the operator's override."""
         addr = args.u64("addr")
         args.done()
-        return _chunk_detail(self.cma.free(addr))
+        return chunk_detail(self.cma.free(addr))
 
     def read(self, args: Arguments) -> object:
         """Guest bytes at [addr, addr+size), base64; size is 1..MAX_READ."""
