@@ -23,6 +23,7 @@ import contextlib
 import re
 import shlex
 import threading
+import time
 import uuid
 from collections import deque
 from typing import Any, Protocol
@@ -205,6 +206,22 @@ class Console:
             finally:
                 self._lock.release()
             self._stop.wait(0.02)
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """Read whatever QEMU still has to say (until EOF or ``timeout``) into the transcript.
+
+        Used on failures: the transcript only holds what was read, and QEMU's last words (an
+        option error, a guest panic) are what makes the error message useful.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    self._child.read_nonblocking(65536, timeout=min(left, 0.1))
+                except pexpect.TIMEOUT:
+                    continue
+                except (pexpect.EOF, OSError, ValueError):
+                    return
 
     def close(self) -> None:
         """Stop the drain thread (the machine closes the pexpect child itself)."""

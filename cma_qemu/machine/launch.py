@@ -314,6 +314,7 @@ class Machine:
         self._pidfd: int | None = None
         self._closing = False
         self._closed = False
+        self._started = False
         self._leftovers = _Leftovers()
         self._finalizer = weakref.finalize(self, self._leftovers)
         self.exit_status: int | None = None
@@ -418,6 +419,9 @@ class Machine:
                 if self._verify and self.reservations:
                     await verify_reservations(self.console, self.reservations)
         except CmaError as exc:
+            if self._console is not None and isinstance(exc, EIO):
+                # QEMU's own error (bad option, missing file) is on the console: collect it
+                await asyncio.to_thread(self._console.drain, 1.0)
             await self._fail_close()
             if isinstance(exc, EIO | ENODEV) and self._console is not None:
                 tail = self._console.tail()
@@ -427,6 +431,7 @@ class Machine:
         except BaseException:
             await self._fail_close()
             raise
+        self._started = True
         return self
 
     async def _fail_close(self) -> None:
@@ -511,7 +516,7 @@ class Machine:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._pidfd)
         self._exited.set()
-        if not self._closing:
+        if not self._closing and self._started:
             log.warning("QEMU for %s exited unexpectedly", self.board.name)
         if self._events is not None:
             task = asyncio.ensure_future(self._events.close())

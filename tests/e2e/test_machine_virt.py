@@ -225,3 +225,12 @@ async def test_timeout_and_cancellation_clean_up(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_qemu_error_is_reported_with_its_message(tmp_path: Path) -> None:
+    b = board()
+    m = Machine(b, image=guest_or_skip(b.kernel_flavour), runtime_parent=tmp_path,
+                extra_args=["-device", "no-such-device"])  # fmt: skip
+    with pytest.raises(CmaError, match="'no-such-device' is not a valid device model name"):
+        await m.start()
+    assert list(tmp_path.iterdir()) == []
