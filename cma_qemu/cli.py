@@ -6,7 +6,9 @@ Every user mistake ends as one line on stderr and a non-zero exit; a traceback m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cma_qemu.boards import Board, list_boards, load_board
-from cma_qemu.errors import EINVAL, CmaError
+from cma_qemu.errors import EINVAL, ENOENT, CmaError
 from cma_qemu.replay import ReplayResult, build_cma, parse_ram, replay
 
 __all__ = ["main"]
@@ -77,6 +79,8 @@ def _board_json(board: Board) -> dict[str, Any]:
 def _read_script(path: str) -> str:
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ENOENT("no such script file", where=path) from None
     except OSError as error:
         raise EINVAL(f"cannot read script: {error.strerror}", where=path) from None
     return data.decode("utf-8", "surrogateescape")
@@ -85,6 +89,8 @@ def _read_script(path: str) -> str:
 def _cmd_replay(args: argparse.Namespace) -> int:
     if args.board is None and args.cma is None:
         raise EINVAL("replay needs --board BOARD or --cma REGIONS --ram BASE:SIZE")
+    if args.board is not None and args.ram:
+        raise EINVAL("--ram goes with --cma; a --board brings its own RAM banks")
     if args.board is None and not args.ram:
         raise EINVAL("--cma without --board needs at least one --ram BASE:SIZE")
     board = load_board(args.board) if args.board else None
@@ -237,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cma-qemu: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stop the flush at exit
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

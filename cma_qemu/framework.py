@@ -203,18 +203,17 @@ class Cma:
     ) -> None:
         """``cma_set_defaults``: store map and asterisk, queue the regions as early regions.
 
-        An explicit ``asterisk`` wins over the one derived from the region names (the
-        documented behaviour; the 2010 code let the derived one overwrite it). Nothing is
-        changed if any of the three strings is invalid.
+        An explicit, non-empty ``asterisk`` wins over the one derived from the region names
+        (the documented behaviour; the 2010 code let the derived one overwrite it); an empty
+        one means "not given", as an empty sysfs write means unset. Nothing is changed if any
+        of the three strings is invalid.
         """
         with self._lock:
             specs = parse_regions(regions) if regions else ()
             new_map = parse_map(map) if map else None
-            new_asterisk: tuple[str, ...] | None = None
-            if asterisk is not None:
-                new_asterisk = parse_asterisk(asterisk)
-            elif derive_asterisk(specs):
-                new_asterisk = derive_asterisk(specs)
+            new_asterisk = parse_asterisk(asterisk) if asterisk else None
+            if not new_asterisk:
+                new_asterisk = derive_asterisk(specs) or None
             early = [self._early_from_spec(spec) for spec in specs]
             self._map = new_map if map is not None else self._map
             if new_asterisk is not None:
@@ -490,9 +489,13 @@ class Cma:
     ) -> Chunk:
         """``cma_alloc_from_region``: the only way to reach a private region."""
         with self._lock:
-            size_r, align_r = _check_request(size, alignment)
-            if region not in self._regions:
-                raise EINVAL(f"region {region.label} is not registered")
+            try:
+                size_r, align_r = _check_request(size, alignment)
+                if region not in self._regions:
+                    raise EINVAL(f"region {region.label} is not registered")
+            except CmaError as bad:
+                self._emit(AllocFailedEvent(None, None, (region.label,), size, alignment, bad))
+                raise
             chunk = self._alloc_in(region, size, size_r, align_r, owner)
             if chunk is None:
                 error = ENOMEM(

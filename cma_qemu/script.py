@@ -216,6 +216,7 @@ class ScriptRunner:
         if len(line.encode("utf-8", "surrogateescape")) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")
             return
+        line = line.partition("\0")[0]  # the stub's C strings end at a NUL
         stripped = line.lstrip(" \t")
         if stripped.startswith("#"):
             return

@@ -806,3 +806,9 @@ def test_release_owner_emits_free_events() -> None:
     cma.subscribe(seen.append)
     cma.release_owner("g")
     assert [type(e) for e in seen] == [FreeEvent, FreeEvent]
+
+
+def test_set_defaults_empty_asterisk_means_not_given() -> None:
+    cma = Cma()
+    cma.set_defaults("a=1M;-b=1M", None, "")
+    assert cma.asterisk == ("a",)

@@ -306,7 +306,7 @@ def test_missing_script_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     missing = tmp_path / "nosuch.txt"
     status, out, err = cli(capsys, "replay", str(missing), "--board", "aquila")
     assert status == 1 and out == ""
-    assert_one_line_error(err, "EINVAL", str(missing), "No such file or directory")
+    assert_one_line_error(err, "ENOENT", str(missing), "no such script file")
 
 
 def test_bad_board_file_through_cli(
@@ -366,3 +366,29 @@ def test_console_script_subprocess() -> None:
     )
     assert done.returncode == 1 and done.stdout == ""
     assert_one_line_error(done.stderr, "EADDRINUSE", "the kernel")
+
+
+def test_ram_with_board_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    script = tmp_path / "s.txt"
+    script.write_text("list\n")
+    status, out, err = cli(capsys, "replay", str(script), "--board", "virt", "--ram", "0:1M")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "EINVAL", "--ram goes with --cma")
+
+
+def test_closed_stdout_pipe_is_not_a_traceback() -> None:
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails with EPIPE, as under `| head`
+    code = "import sys; from cma_qemu.cli import main; sys.exit(main(['boards', '--json']))"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 0

@@ -589,3 +589,9 @@ def test_frameworkbackend_owner() -> None:
     cma = framework()
     run("a dev 4K\n", cma)
     assert [c.owner for c in cma.chunks] == ["replay"]
+
+
+def test_a_nul_byte_ends_the_line_as_in_the_stub() -> None:
+    out, err = run("alloc dev 1M\0 trailing garbage\nlist\0 junk\n")
+    assert err == ""
+    assert out.count("1: 0x100000@") == 2
