@@ -19,6 +19,7 @@ from cma_qemu.monitor.commands import chunk_detail, region_json
 
 __all__ = [
     "chunk_table",
+    "human_size",
     "local_snapshot",
     "region_map",
     "region_table",
@@ -29,7 +30,8 @@ Json = Mapping[str, Any]
 _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 
-def _size(value: int) -> str:
+def human_size(value: int) -> str:
+    """16M, 128K, 1.5M or hex: sizes as people read them in tables."""
     if value == 0:
         return "0"
     for shift, suffix in ((30, "G"), (20, "M"), (10, "K")):
@@ -66,11 +68,11 @@ def region_table(regions: Sequence[Json], title: str = "CMA regions") -> Table:
             str(region["name"] or "(private)"),
             f"{start:#010x}",
             f"{start + size - 1:#010x}",
-            _size(size),
+            human_size(size),
             str(allocator),
             "yes" if region.get("asterisk") else "",
             str(region.get("users", 0)),
-            _size(int(region["free"])),
+            human_size(int(region["free"])),
         )
     return table
 
@@ -83,7 +85,7 @@ def chunk_table(chunks: Sequence[Json], title: str = "Live chunks") -> Table:
     for chunk in chunks:
         table.add_row(
             f"{int(chunk['addr']):#010x}",
-            _size(int(chunk["size"])),
+            human_size(int(chunk["size"])),
             f"{int(chunk.get('requested', chunk['size'])):#x}",
             str(chunk.get("region") or "(private)"),
             str(chunk.get("owner") or ""),
@@ -110,7 +112,7 @@ def stats_table(stats: Sequence[Json], title: str = "CMA statistics") -> Table:
         table.add_row(
             str(row["name"] or f"(private@{int(row['start']):#x})"),
             *(str(row[name]) for name in names),
-            _size(int(row["maxchunk"])),
+            human_size(int(row["maxchunk"])),
         )
     return table
 
@@ -139,7 +141,9 @@ def region_map(regions: Sequence[Json], chunks: Sequence[Json], width: int = 64)
             bar.append("█" if colour else "·", style=colour or "dim")
         used = size - int(region["free"])
         header = Text(f"{region['name'] or '(private)'} ", style="bold")
-        header.append(f"{start:#x}+{_size(size)}  used {_size(used)} of {_size(size)}", "dim")
+        header.append(
+            f"{start:#x}+{human_size(size)}  used {human_size(used)} of {human_size(size)}", "dim"
+        )
         holes = region.get("holes")
         if isinstance(holes, list):
             header.append(f", {len(holes)} hole(s)", "dim")
@@ -148,7 +152,7 @@ def region_map(regions: Sequence[Json], chunks: Sequence[Json], width: int = 64)
         legend = Text("   ")
         for chunk in mine:
             legend.append("■ ", style=colours[int(chunk["addr"])])
-            legend.append(f"{int(chunk['addr']):#x}+{_size(int(chunk['size']))}  ")
+            legend.append(f"{int(chunk['addr']):#x}+{human_size(int(chunk['size']))}  ")
         if mine:
             lines.append(legend)
     return Group(*lines)

@@ -1,0 +1,90 @@
+"""``cma-qemu``: the command line.
+
+Every user mistake ends as one line on stderr and a non-zero exit; a traceback means a bug.
+Each command lives in the module of its layer: ``offline`` (boards, replay, guest build),
+``machine`` (boot, attach, demo) and ``inspect`` (the monitor's client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
+from cma_qemu.errors import CmaError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cma-qemu",
+        description="The 2010 Contiguous Memory Allocator for emulated ARM boards.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    boards = commands.add_parser("boards", help="list the board files and their regions")
+    boards.add_argument("--json", action="store_true", help="machine-readable output")
+    boards.set_defaults(handler=cmd_boards)
+
+    guest = commands.add_parser("guest", help="the guest images (kernel, initramfs, stub)")
+    guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    build = guest_commands.add_parser(
+        "build", help="fetch Debian's armhf kernels and busybox, cross-compile cma-test, pack"
+    )
+    build.add_argument(
+        "flavour", nargs="*", help="kernel flavours to build (default: all: armmp, armmp-lpae)"
+    )
+    build.add_argument("--cache", help="cache directory (default: $CMA_QEMU_CACHE or ~/.cache)")
+    build.set_defaults(handler=cmd_guest_build)
+
+    rep = commands.add_parser(
+        "replay", help="run a cma-test script against the framework offline (no QEMU)"
+    )
+    rep.add_argument("script", help="script file in the cma-test line format, or - for stdin")
+    rep.add_argument("--board", help="take RAM, reserved ranges and attributes from a board")
+    rep.add_argument("--cma", metavar="REGIONS", help="regions attribute (replaces the board's)")
+    rep.add_argument(
+        "--ram", metavar="BASE:SIZE", action="append", default=[], help="a RAM bank (repeatable)"
+    )
+    rep.add_argument("--map", help="map attribute (replaces the board's)")
+    rep.add_argument("--asterisk", metavar="LIST", help="asterisk list (replaces the default)")
+    rep.add_argument(
+        "--allocator",
+        action="append",
+        metavar="NAME",
+        help="replay under this allocator; repeat to compare allocators",
+    )
+    rep.add_argument("--json", action="store_true", help="machine-readable output")
+    rep.set_defaults(handler=cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cma-qemu`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CmaError as error:
+        print(f"cma-qemu: {error.errno_name}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cma-qemu: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stop the flush at exit
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
