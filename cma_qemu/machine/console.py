@@ -48,6 +48,7 @@ class Transcript:
     def __init__(self, limit: int = TRANSCRIPT_LIMIT) -> None:
         self._chunks: deque[str] = deque()
         self._size = 0
+        self._dropped = 0
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -56,7 +57,21 @@ class Transcript:
             self._chunks.append(data)
             self._size += len(data)
             while self._size > self._limit and len(self._chunks) > 1:
-                self._size -= len(self._chunks.popleft())
+                old = len(self._chunks.popleft())
+                self._size -= old
+                self._dropped += old
+
+    @property
+    def total(self) -> int:
+        """Characters ever written: a position that :meth:`since` understands."""
+        with self._lock:
+            return self._dropped + self._size
+
+    def since(self, pos: int) -> tuple[int, str]:
+        """``(start, raw text)`` written from position ``pos`` on (or the oldest retained)."""
+        with self._lock:
+            start = max(pos, self._dropped)
+            return start, "".join(self._chunks)[start - self._dropped :]
 
     def flush(self) -> None:
         """Part of the file protocol pexpect expects; nothing is buffered."""
@@ -93,6 +108,7 @@ class Console:
         child.logfile_read = self.transcript
         self._lock = threading.RLock()
         self._boot_log: str | None = None
+        self._ready_mark = 0
         self.channel: str | None = None
         self._pump: threading.Thread | None = None
         self._stop = threading.Event()
@@ -101,7 +117,7 @@ class Console:
 
     @property
     def boot_log(self) -> str:
-        """Console output up to and including the ready marker (all output before it)."""
+        """Console output of the last boot, up to its ready marker (all output before one)."""
         return self._boot_log if self._boot_log is not None else self.transcript.text()
 
     @property
@@ -127,20 +143,50 @@ class Console:
 
     # -- ready --------------------------------------------------------------------------------
 
-    def wait_ready_sync(self, timeout: float = 60.0, *, prepare: bool = True) -> str:
-        """Block until the ready marker; returns the channel the guest reported."""
+    def mark(self) -> int:
+        """The current transcript position; output after it counts for the next ready wait."""
+        return self.transcript.total
+
+    def wait_ready_sync(
+        self, timeout: float = 60.0, *, prepare: bool = True, since: int | None = None
+    ) -> str:
+        """Block until a ready marker printed after ``since``; returns the guest's channel.
+
+        By default ``since`` is the end of the previous ready marker, so after a guest reboot
+        the same call waits for the new boot. The transcript is searched rather than pexpect's
+        buffer because the drain thread may already have read the marker.
+        """
+        what = "waiting for the guest's ready marker"
+        deadline = time.monotonic() + timeout
+        pos = self._ready_mark if since is None else since
         with self._lock:
-            self._expect(READY_RE, timeout, "waiting for the guest's ready marker")
-            self.channel = str(self._child.match.group(1))
-            self._boot_log = self.transcript.text()
+            while True:
+                start, text = self.transcript.since(pos)
+                m = READY_RE.search(text)
+                if m is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._error(ETIMEDOUT, f"{what}: no answer in {timeout:g} s")
+                try:
+                    self._child.read_nonblocking(65536, timeout=min(left, 0.2))
+                except pexpect.TIMEOUT:
+                    pass
+                except (pexpect.EOF, OSError, ValueError):
+                    raise self._error(EIO, f"{what}: QEMU closed the console (it exited)") from None
+            self.channel = m.group(1)
+            self._ready_mark = start + m.end()
+            self._boot_log = text[: m.end()].replace("\r", "")
             if prepare:
-                self.run_sync("stty -echo; dmesg -n 1", timeout=timeout)
+                self.run_sync("stty -echo; dmesg -n 1", timeout=max(deadline - time.monotonic(), 5))
         self.start_pump()
         return self.channel
 
-    async def wait_ready(self, timeout: float = 60.0, *, prepare: bool = True) -> str:
+    async def wait_ready(
+        self, timeout: float = 60.0, *, prepare: bool = True, since: int | None = None
+    ) -> str:
         """Async :meth:`wait_ready_sync` (runs in a thread, so QMP events keep flowing)."""
-        return await asyncio.to_thread(self.wait_ready_sync, timeout, prepare=prepare)
+        return await asyncio.to_thread(self.wait_ready_sync, timeout, prepare=prepare, since=since)
 
     # -- commands -----------------------------------------------------------------------------
 

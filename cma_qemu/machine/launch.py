@@ -529,6 +529,13 @@ class Machine:
             return MmapGuestMemory(self.files.ram_file, base, total, banks)
         return PmemsaveGuestMemory(self._qmp, self.files.runtime_dir, base, total, banks)
 
+    async def wait_ready(self, timeout: float | None = None, *, since: int | None = None) -> str:
+        """Wait for the guest's next ready marker (after a reset, say); returns its channel."""
+        self.guest_channel = await self.console.wait_ready(
+            self.boot_timeout if timeout is None else timeout, since=since
+        )
+        return self.guest_channel
+
     async def wait_exit(self, timeout: float | None = None) -> bool:
         """Wait until QEMU exits; False on timeout."""
         if self._child is None:

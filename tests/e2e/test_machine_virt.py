@@ -150,6 +150,18 @@ async def test_console_exact_output(virt: Machine) -> None:
     assert await virt.console.run("echo one; echo two; sh -c 'exit 7'") == ("one\ntwo", 7)
 
 
+async def test_reset_event_and_second_boot(virt: Machine) -> None:
+    """system_reset: RESET arrives, the guest boots again, the console keeps working."""
+    with virt.subscribe("RESET") as sub:
+        await virt.qmp.execute("system_reset")
+        event = await sub.get(10)
+    assert event.data.get("guest") is False  # requested over QMP, not by the guest
+    assert await virt.wait_ready(60) == "/dev/vport0p1"
+    assert "Booting Linux" in virt.console.boot_log
+    assert await virt.console.run("echo back") == ("back", 0)
+    await verify_reservations(virt.console, RESERVATIONS)
+
+
 def _own_qemu(tmp: Path, share: bool) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
     """QEMU with a test-made command line, paused (-S): enough for QMP, ROMs are in RAM."""
     qmp, chan, ram = tmp / "q.sock", tmp / "c.sock", tmp / "guest.ram"

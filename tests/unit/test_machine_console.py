@@ -48,6 +48,18 @@ async def test_ready_and_exact_runs(console: Console) -> None:
     assert "hello" in console.log
 
 
+async def test_second_ready_marker_after_a_reboot(console: Console) -> None:
+    """A marker already read by someone else (a run, the drain thread) still counts once."""
+    assert await console.wait_ready(10, prepare=False) == "/dev/vport0p1"
+    mark = console.mark()
+    await console.run("echo 'cma-qemu: ready channel=/dev/two'")
+    assert await console.wait_ready(5, prepare=False) == "/dev/two"
+    assert "channel=/dev/two" in console.boot_log and "booting..." not in console.boot_log
+    with pytest.raises(ETIMEDOUT):
+        await console.wait_ready(0.3, prepare=False)
+    assert await console.wait_ready(1, prepare=False, since=mark) == "/dev/two"
+
+
 async def test_timeout_names_last_lines(console: Console) -> None:
     await console.wait_ready(10, prepare=False)
     with pytest.raises(ETIMEDOUT) as err:
