@@ -237,8 +237,11 @@ class Agent:
         return self.machine.console
 
     async def guest_run(self, cmd: str, timeout: float = 60.0) -> tuple[str, int]:
-        """Run a shell command in the guest: (output, exit status)."""
-        out, status = await self.console.run(cmd, timeout)
+        """Run a shell command in the guest: (output, exit status).
+
+        It runs in a subshell, so ``exit 3`` gives status 3 instead of ending the guest's shell.
+        """
+        out, status = await self.console.run(f"( {cmd}\n)", timeout)
         return str(out), int(status)
 
     async def _check(self, cmd: str, timeout: float = 60.0) -> str:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from cma_qemu.cli.machine import cmd_attach, cmd_boot
 from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
 from cma_qemu.errors import CmaError
 
@@ -44,6 +45,34 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--cache", help="cache directory (default: $CMA_QEMU_CACHE or ~/.cache)")
     build.set_defaults(handler=cmd_guest_build)
 
+    boot = commands.add_parser(
+        "boot", help="boot a board with its CMA regions reserved and serve the guest"
+    )
+    boot.add_argument("board", help="board name (see `cma-qemu boards`) or board file")
+    _attribute_options(boot)
+    boot.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
+    action = boot.add_mutually_exclusive_group()
+    action.add_argument("--run", metavar="CMD", help="run CMD in the guest; exit with its status")
+    action.add_argument("--script", metavar="FILE", help="run a cma-test script in the guest")
+    boot.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds --run/--script may take"
+    )
+    boot.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
+    boot.set_defaults(handler=cmd_boot)
+
+    att = commands.add_parser(
+        "attach", help="serve a QEMU started by someone else, through its QMP and channel sockets"
+    )
+    att.add_argument("--qmp", required=True, metavar="SOCK", help="QEMU's QMP socket")
+    att.add_argument(
+        "--channel", required=True, metavar="SOCK", help="the channel's chardev socket"
+    )
+    att.add_argument("--board", required=True, help="board name or board file")
+    _attribute_options(att)
+    att.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
+    att.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
+    att.set_defaults(handler=cmd_attach)
+
     rep = commands.add_parser(
         "replay", help="run a cma-test script against the framework offline (no QEMU)"
     )
@@ -64,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="machine-readable output")
     rep.set_defaults(handler=cmd_replay)
     return parser
+
+
+def _attribute_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cma", metavar="REGIONS", help="regions attribute (like cma=)")
+    parser.add_argument("--map", help="map attribute (replaces the board's)")
+    parser.add_argument("--asterisk", metavar="LIST", help="asterisk list (replaces the default)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
