@@ -408,7 +408,7 @@ class Machine:
                 self.files.qmp_socket,
                 timeout=self.qmp_timeout,
                 name=f"cma-qemu-{self.board.name}",
-                alive=lambda: not self._exited.is_set(),
+                alive=self._alive,
             )
             self._events = EventHub(self._qmp)
             self._events.start()
@@ -419,11 +419,12 @@ class Machine:
                 if self._verify and self.reservations:
                     await verify_reservations(self.console, self.reservations)
         except CmaError as exc:
-            if self._console is not None and isinstance(exc, EIO):
+            booted = self.guest_channel is not None  # later errors are about the guest
+            if self._console is not None and isinstance(exc, EIO) and not booted:
                 # QEMU's own error (bad option, missing file) is on the console: collect it
                 await asyncio.to_thread(self._console.drain, 1.0)
             await self._fail_close()
-            if isinstance(exc, EIO | ENODEV) and self._console is not None:
+            if isinstance(exc, EIO | ENODEV) and self._console is not None and not booted:
                 tail = self._console.tail()
                 if tail and tail not in exc.message:
                     exc.message += f"; last console lines:\n{tail}"
@@ -509,6 +510,12 @@ class Machine:
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = os.pidfd_open(pid)
             asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _alive(self) -> bool:
+        """QEMU still exists (pidfd when the kernel has it, else pexpect's waitpid poll)."""
+        if self._exited.is_set():
+            return False
+        return self._pidfd is not None or (self._child is not None and self._child.isalive())
 
     def _on_exit(self) -> None:
         """pidfd readable: QEMU exited (reaping stays with pexpect)."""

@@ -162,6 +162,22 @@ async def test_reset_event_and_second_boot(virt: Machine) -> None:
     await verify_reservations(virt.console, RESERVATIONS)
 
 
+async def test_verification_catches_a_node_the_kernel_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bypass the loader check and put a node on the kernel: the guest refuses, we notice."""
+    from cma_qemu.machine import launch
+
+    monkeypatch.setattr(launch, "check_reservations", lambda *_: None)
+    b = board()
+    bad = [("on_kernel", 0x41000000, MiB)]
+    with pytest.raises(CmaError, match="failed to reserve memory for node 'on_kernel@41000000'"):
+        await Machine(
+            b, bad, image=guest_or_skip(b.kernel_flavour), runtime_parent=tmp_path
+        ).start()
+    assert list(tmp_path.iterdir()) == []
+
+
 def _own_qemu(tmp: Path, share: bool) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
     """QEMU with a test-made command line, paused (-S): enough for QMP, ROMs are in RAM."""
     qmp, chan, ram = tmp / "q.sock", tmp / "c.sock", tmp / "guest.ram"
