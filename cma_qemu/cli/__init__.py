@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from cma_qemu.cli.inspect import cmd_inspect
 from cma_qemu.cli.machine import cmd_attach, cmd_boot
 from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
 from cma_qemu.errors import CmaError
@@ -72,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
     att.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
     att.set_defaults(handler=cmd_attach)
+
+    ins = commands.add_parser("inspect", help="ask a running agent's monitor (QMP) what it holds")
+    ins.add_argument("--monitor", required=True, metavar="SOCK", help="the agent's monitor socket")
+    ins.add_argument(
+        "what", metavar="WHAT", help="regions, chunks, map, stats, dump ADDR LEN, watch or plot"
+    )
+    ins.add_argument("operands", nargs="*", help="ADDR LEN for dump")
+    ins.add_argument("--json", action="store_true", help="raw monitor replies")
+    ins.add_argument("--count", type=int, default=0, help="watch: stop after N events")
+    ins.add_argument("--width", type=int, default=64, help="plot: cells per region bar")
+    ins.set_defaults(handler=cmd_inspect)
 
     rep = commands.add_parser(
         "replay", help="run a cma-test script against the framework offline (no QEMU)"
