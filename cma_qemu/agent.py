@@ -11,6 +11,7 @@ import base64
 import contextlib
 import logging
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,7 @@ class Agent:
 
         It runs in a subshell, so ``exit 3`` gives status 3 instead of ending the guest's shell.
         """
-        out, status = await self.console.run(f"( {cmd}\n)", timeout)
+        out, status = await self.console.run(f"( eval {shlex.quote(cmd)} )", timeout)
         return str(out), int(status)
 
     async def _check(self, cmd: str, timeout: float = 60.0) -> str:

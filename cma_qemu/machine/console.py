@@ -95,6 +95,7 @@ class _Child(Protocol):
 
     def expect(self, pattern: Any, timeout: float | None = ...) -> int: ...
     def sendline(self, s: str = ...) -> int: ...
+    def send(self, s: str) -> int: ...
     def read_nonblocking(self, size: int = ..., timeout: float | None = ...) -> Any: ...
     def isalive(self) -> bool: ...
 
@@ -102,8 +103,15 @@ class _Child(Protocol):
 class Console:
     """The guest console of one machine: ready marker, exact command runs, interactive mode."""
 
-    def __init__(self, child: _Child, *, transcript: Transcript | None = None) -> None:
+    def __init__(
+        self,
+        child: _Child,
+        *,
+        transcript: Transcript | None = None,
+        pacing: tuple[int, float] | None = None,
+    ) -> None:
         self._child = child
+        self._pacing = pacing
         self.transcript = transcript or Transcript()
         child.logfile_read = self.transcript
         self._lock = threading.RLock()
@@ -140,6 +148,21 @@ class Console:
             raise self._error(ETIMEDOUT, f"{what}: no answer in {timeout:g} s") from None
         except pexpect.EOF:
             raise self._error(EIO, f"{what}: QEMU closed the console (it exited)") from None
+
+    def _sendline(self, line: str) -> None:
+        """Type a line; in bursts of ``pacing[0]`` characters when the UART drops bursts.
+
+        QEMU's Exynos4210 UART loses what arrives beyond its receive FIFO while the guest is
+        still draining it, so a long command line typed at once arrives mangled.
+        """
+        if self._pacing is None:
+            self._child.sendline(line)
+            return
+        burst, interval = self._pacing
+        data = line + "\n"
+        for offset in range(0, len(data), burst):
+            self._child.send(data[offset : offset + burst])
+            time.sleep(interval)
 
     # -- ready --------------------------------------------------------------------------------
 
@@ -198,7 +221,7 @@ class Console:
         line = f"echo __CMA_B_''{tag}__; eval {shlex.quote(cmd)}; echo __CMA_E_''{tag}_$?__"
         what = f"running {cmd!r} in the guest"
         with self._lock:
-            self._child.sendline(line)
+            self._sendline(line)
             self._expect(begin, timeout, what)
             self._expect(end, timeout, what)
             status = int(self._child.match.group(1))

@@ -34,6 +34,7 @@ __all__ = [
     "RESERVED_MEMORY",
     "Reservation",
     "add_reserved_memory",
+    "drop_uart_dma",
     "dump_qemu_dtb",
     "node_name",
     "reserved_memory_nodes",
@@ -160,6 +161,33 @@ def add_reserved_memory(
             child.append(fdt.PropStrings("cma-qemu,name", name))
         rmem.append(child)
         taken.append((child.name, start, size))
+    out: bytes = tree.to_dtb(version=17)
+    return out
+
+
+def drop_uart_dma(dtb: bytes, index: int) -> bytes:
+    """``dtb`` with the DMA properties of UART ``index`` (``/aliases/serialN``) removed.
+
+    Linux receives over DMA when a Samsung UART node has ``dmas``; QEMU's Exynos4210 model
+    emulates no PL330 transfers for it, so a reader gets garbage. Without them the driver
+    falls back to interrupt-driven receive, which QEMU does emulate.
+    """
+    try:
+        tree = fdt.parse_dtb(dtb)
+    except Exception as exc:  # the fdt package raises bare Exceptions on bad blobs
+        raise EINVAL(f"not a valid DTB: {exc}", where="device tree") from exc
+    alias = f"serial{index}"
+    aliases = tree.get_node("/aliases") if tree.exist_node("/aliases") else None
+    target = aliases.get_property(alias) if aliases is not None else None
+    if target is None:
+        raise ENODEV(f"the device tree has no /aliases/{alias}", where="device tree")
+    path = str(target.value)
+    if not tree.exist_node(path):
+        raise ENODEV(f"/aliases/{alias} points at missing node {path}", where="device tree")
+    node = tree.get_node(path)
+    for name in ("dmas", "dma-names"):
+        if node.exist_property(name):
+            node.remove_property(name)
     out: bytes = tree.to_dtb(version=17)
     return out
 

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -44,7 +45,12 @@ from qemu.qmp import QMPClient, QMPError
 
 from cma_qemu.errors import EINVAL, EIO, ENODEV, CmaError
 from cma_qemu.machine.console import Console
-from cma_qemu.machine.devicetree import Reservation, add_reserved_memory, dump_qemu_dtb
+from cma_qemu.machine.devicetree import (
+    Reservation,
+    add_reserved_memory,
+    drop_uart_dma,
+    dump_qemu_dtb,
+)
 from cma_qemu.machine.loader import (
     LoadedRange,
     check_reservations,
@@ -223,6 +229,14 @@ def qemu_command(
         kernel_cmdline(board, append),
         *extra_args,
     ]
+
+
+def _uart_index(device: str) -> int:
+    """``/dev/ttySAC1`` -> 1: the UART's number, as ``/aliases/serialN`` counts them."""
+    match = re.fullmatch(r"/dev/tty[A-Za-z]*?(\d+)", device)
+    if match is None:
+        raise EINVAL(f"channel device {device!r} is not a /dev/ttyXXXN UART", where="board")
+    return int(match.group(1))
 
 
 def _runtime_parent() -> str | None:
@@ -472,6 +486,10 @@ class Machine:
             if image.dtb is None or not Path(image.dtb).is_file():
                 raise ENODEV(f"the guest image has no device tree for {board.machine_type}")
             dtb = Path(image.dtb).read_bytes()
+            # The console (UART0) and a UART channel receive through the UART's FIFO only.
+            dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{console_device(board)}"))
+            if board.channel.kind == "uart":
+                dtb = drop_uart_dma(dtb, _uart_index(board.channel.name))
         patched = add_reserved_memory(dtb, self.reservations, compatible=self._compatible)
         self.loaded = loader_ranges(
             board.machine_type,
@@ -506,7 +524,9 @@ class Machine:
         pid = child.pid
         assert pid is not None
         self._leftovers.pid = pid
-        self._console = Console(child)
+        # The Exynos UART drops input bursts beyond its FIFO: type console lines in bursts.
+        pacing = (32, 0.002) if self.board.machine_type == "smdkc210" else None
+        self._console = Console(child, pacing=pacing)
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = os.pidfd_open(pid)
             asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
