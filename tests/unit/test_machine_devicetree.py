@@ -9,9 +9,10 @@ from pathlib import Path
 import fdt
 import pytest
 
-from cma_qemu.errors import EADDRINUSE, EINVAL
+from cma_qemu.errors import EADDRINUSE, EINVAL, ENODEV
 from cma_qemu.machine.devicetree import (
     add_reserved_memory,
+    drop_uart_dma,
     dump_qemu_dtb,
     node_name,
     reserved_memory_nodes,
@@ -143,3 +144,32 @@ def test_dump_qemu_dtb_and_patch(tmp_path: Path) -> None:
 def test_dump_needs_one_machine_option() -> None:
     with pytest.raises(EINVAL):
         dump_qemu_dtb(["-m", "256M"])
+
+
+def _tree_with_uarts() -> bytes:
+    tree = fdt.FDT()
+    aliases = fdt.Node("aliases")
+    for index in range(2):
+        uart = fdt.Node(f"serial@138{index}0000")
+        uart.append(fdt.PropWords("dmas", 7, index))
+        uart.append(fdt.PropStrings("dma-names", "rx", "tx"))
+        uart.append(fdt.PropStrings("compatible", "samsung,exynos4210-uart"))
+        tree.root.append(uart)
+        aliases.append(fdt.PropStrings(f"serial{index}", f"/serial@138{index}0000"))
+    tree.root.append(aliases)
+    blob: bytes = tree.to_dtb(version=17)
+    return blob
+
+
+def test_drop_uart_dma_only_touches_that_uart() -> None:
+    tree = fdt.parse_dtb(drop_uart_dma(_tree_with_uarts(), 1))
+    one = tree.get_node("/serial@13810000")
+    zero = tree.get_node("/serial@13800000")
+    assert not one.exist_property("dmas") and not one.exist_property("dma-names")
+    assert one.exist_property("compatible")
+    assert zero.exist_property("dmas") and zero.exist_property("dma-names")
+
+
+def test_drop_uart_dma_needs_the_alias() -> None:
+    with pytest.raises(ENODEV, match="no /aliases/serial3"):
+        drop_uart_dma(_tree_with_uarts(), 3)

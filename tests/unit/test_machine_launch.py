@@ -152,6 +152,13 @@ async def test_machine_refuses_reservation_on_the_kernel(tmp_path: Path) -> None
     tree.header.version = 17
     tree.root.append(fdt.PropWords("#address-cells", 1))
     tree.root.append(fdt.PropWords("#size-cells", 1))
+    aliases = fdt.Node("aliases")
+    for index in range(2):
+        uart = fdt.Node(f"serial@138{index}0000")
+        uart.append(fdt.PropWords("dmas", 1, 2))
+        tree.root.append(uart)
+        aliases.append(fdt.PropStrings(f"serial{index}", f"/serial@138{index}0000"))
+    tree.root.append(aliases)
     dtb.write_bytes(tree.to_dtb(version=17))
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"\0" * 4096)
