@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,12 +31,13 @@ from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach
 from cma_qemu.monitor import Monitor
 from cma_qemu.replay import build_cma
 
-__all__ = ["Agent", "ScriptResult", "expected_pattern", "find_mismatch"]
+__all__ = ["Agent", "GuestStub", "ScriptResult", "expected_pattern", "find_mismatch"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 _GUEST_SCRIPT = "/tmp/cma-script"
+_STUB_PROMPT = "cma-test> "
 _B64_LINE = 512  # well under the tty's 4095-byte canonical line
 
 
@@ -60,6 +61,36 @@ def find_mismatch(data: bytes | memoryview, size: int, pattern: int) -> int | No
     words = np.frombuffer(data, dtype="<u4", count=nwords)
     bad = np.flatnonzero(words != expected_pattern(pattern, nwords))
     return int(bad[0]) * 4 if bad.size else None
+
+
+class GuestStub:
+    """``cma-test`` running interactively on the guest console, holding its chunks.
+
+    A script run ends with the stub's exit, which frees everything; a held stub keeps its
+    chunks alive between :meth:`send` calls, so the host can look at them meanwhile.
+    """
+
+    def __init__(self, console: Any, timeout: float) -> None:
+        self._console = console
+        self.timeout = timeout
+        self.transcript: list[tuple[str, str]] = []
+
+    async def start(self) -> None:
+        """Start the stub and wait for its first prompt."""
+        await self._console.converse("cma-test", _STUB_PROMPT, self.timeout)
+
+    async def send(self, line: str) -> str:
+        """One line to the stub; what it printed (stdout and stderr, as on a terminal)."""
+        if "\n" in line:
+            raise EIO("send one line at a time", where="cma-test")
+        out = str(await self._console.converse(line, _STUB_PROMPT, self.timeout))
+        self.transcript.append((line, out))
+        return out
+
+    async def close(self) -> None:
+        """End of input (Ctrl-D): the stub frees what it holds and exits."""
+        await self._console.converse("\x04", None, self.timeout)
+        await self._console.run("true", self.timeout)  # back in step with the shell
 
 
 class Agent:
@@ -275,6 +306,16 @@ class Agent:
         return ScriptResult(
             out.decode("utf-8", "surrogateescape"), err.decode("utf-8", "surrogateescape"), status
         )
+
+    @contextlib.asynccontextmanager
+    async def stub(self, timeout: float = 60.0) -> AsyncIterator[GuestStub]:
+        """``async with agent.stub() as stub: await stub.send("alloc vpu/dec 1M")``."""
+        stub = GuestStub(self.console, timeout)
+        await stub.start()
+        try:
+            yield stub
+        finally:
+            await stub.close()
 
     def chunks_of_guest(self) -> list[Chunk]:
         """The live chunks the guest on this board's channel owns."""

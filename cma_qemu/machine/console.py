@@ -239,6 +239,26 @@ class Console:
             raise EIO(f"guest command {cmd!r} exited with status {status}: {out}", where="guest")
         return out
 
+    def converse_sync(self, line: str | None, until: str | None, timeout: float = 30.0) -> str:
+        """Type ``line`` (None: type nothing) and return the output before the text ``until``
+        (None: do not wait; returns "").
+
+        For programs with a prompt of their own (``cma-test`` on a terminal prints
+        ``cma-test> ``), where the shell's begin/end markers of :meth:`run_sync` do not apply.
+        """
+        what = f"waiting for {until!r} in the guest"
+        with self._lock:
+            if line is not None:
+                self._sendline(line)
+            if until is None:
+                return ""
+            self._expect(re.compile(re.escape(until)), timeout, what)
+            return str(self._child.before).replace("\r", "")
+
+    async def converse(self, line: str | None, until: str | None, timeout: float = 30.0) -> str:
+        """Async :meth:`converse_sync`."""
+        return await asyncio.to_thread(self.converse_sync, line, until, timeout)
+
     # -- interactive --------------------------------------------------------------------------
 
     def interact(self, escape_character: str = "\x1d") -> None:
