@@ -52,15 +52,19 @@ class ScriptResult:
 
 def expected_pattern(pattern: int, nwords: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
     """``word[i] = (pattern + i) mod 2^32``, the stub's ``write`` fill (docs/line-format.md)."""
-    return (np.arange(nwords, dtype=np.uint64) + pattern).astype(np.uint32)
+    words = np.arange(nwords, dtype=np.uint32)
+    words += np.uint32(pattern & 0xFFFFFFFF)  # uint32 arithmetic wraps, as in the stub
+    return words
 
 
 def find_mismatch(data: bytes | memoryview, size: int, pattern: int) -> int | None:
     """Byte offset of the first word of ``data`` that breaks the pattern over ``size`` bytes."""
     nwords = (size + 3) // 4
     words = np.frombuffer(data, dtype="<u4", count=nwords)
-    bad = np.flatnonzero(words != expected_pattern(pattern, nwords))
-    return int(bad[0]) * 4 if bad.size else None
+    expected = expected_pattern(pattern, nwords)
+    if np.array_equal(words, expected):
+        return None
+    return int(np.flatnonzero(words != expected)[0]) * 4
 
 
 class GuestStub:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from cma_qemu.cli.demo import cmd_demo
 from cma_qemu.cli.inspect import cmd_inspect
 from cma_qemu.cli.machine import cmd_attach, cmd_boot
 from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--count", type=int, default=0, help="watch: stop after N events")
     ins.add_argument("--width", type=int, default=64, help="plot: cells per region bar")
     ins.set_defaults(handler=cmd_inspect)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: boot, allocate from the guest, check from the host, free"
+    )
+    demo.add_argument("--board", default="virt", help="board to run it on (default: virt)")
+    demo.set_defaults(handler=cmd_demo)
 
     rep = commands.add_parser(
         "replay", help="run a cma-test script against the framework offline (no QEMU)"
