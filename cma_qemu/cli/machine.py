@@ -22,8 +22,12 @@ __all__ = ["cmd_attach", "cmd_boot", "progress_console", "regions_json"]
 
 
 def progress_console() -> Console:
-    """Where progress and tables for people go (stderr keeps stdout for results)."""
-    return Console(stderr=True, highlight=False)
+    """Where progress and tables for people go: stderr, and only when it is a terminal.
+
+    Redirected or piped, stderr carries nothing but errors and the guest's own stderr, so
+    ``boot --script`` prints what ``replay`` prints and a failure is one line.
+    """
+    return Console(stderr=True, highlight=False, quiet=not sys.stderr.isatty())
 
 
 def regions_json(agent: Agent) -> dict[str, Any]:
