@@ -22,7 +22,7 @@ from cma_qemu.channel.messages import (
     guest_id_ok,
     parse_request,
 )
-from cma_qemu.errors import EIO, CmaError
+from cma_qemu.errors import EIO, CmaError, GenericError
 from cma_qemu.framework import Chunk, Cma
 
 __all__ = [
@@ -87,8 +87,12 @@ class GuestSession:
             )
         try:
             value = handler(self.cma, self.owner, Arguments(request.arguments))
-        except CmaError as err:
+        except GenericError as err:  # the request itself is malformed: say which command
             return encode_error(err, f"{request.execute}: {err}", request.id, request.has_id)
+        except CmaError as err:
+            # The framework's own message, word for word: the stub prints it as
+            # `CMD: CLASS: desc`, exactly what `cma-qemu replay` prints for the same line.
+            return encode_error(err, str(err), request.id, request.has_id)
         except Exception as err:  # a framework bug must not take the guest's session down
             log.exception("guest %s: %s failed", self.owner, request.execute)
             return encode_error(

@@ -69,11 +69,11 @@ def _pattern(chunk_id: int) -> int:
 
 async def _session(agent: Agent, stub: GuestStub, console: Console) -> list[_Held]:
     held: list[_Held] = []
-    table = Table(
-        title="Guest session (cma-test in the guest, over the channel)", title_justify="left"
-    )
-    for column in ("guest line", "reply", "region", "why"):
-        table.add_column(column)
+    table = Table(title="Guest session: cma-test in the guest", title_justify="left")
+    table.add_column("guest line", no_wrap=True)
+    table.add_column("reply")
+    table.add_column("region")
+    table.add_column("why")
     for line, why in DEMO_SESSIONS.get(agent.board.name, DEMO_SESSIONS["virt"]):
         reply = (await stub.send(line)).strip()
         match = _CHUNK_LINE.match(reply)
@@ -102,9 +102,7 @@ async def _verify(agent: Agent, held: list[_Held], console: Console) -> bool:
         bad = await agent.find_mismatch(chunk, item.pattern)
         checked += chunk.requested
         ok = ok and bad is None
-        seen = (
-            "[green]pattern intact[/green]" if bad is None else f"[red]differs at +{bad:#x}[/red]"
-        )
+        seen = "[green]intact[/green]" if bad is None else f"[red]differs at +{bad:#x}[/red]"
         table.add_row(
             str(item.chunk_id),
             item.device,
@@ -168,4 +166,6 @@ async def _demo(board: Board, console: Console) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``cma-qemu demo [--board BOARD]``."""
-    return asyncio.run(_demo(load_board(args.board), Console(highlight=False)))
+    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(console.width, 100))  # tables need the room
+    return asyncio.run(_demo(load_board(args.board), console))
