@@ -17,3 +17,15 @@ def test_guest_writes_host_reads(guest, agent):
         assert agent.find_mismatch(chunk, 0xBADBAD) == 0
 
     assert agent.guest_chunks() == []  # the stub freed its chunk when its input ended
+
+
+def test_every_region_is_a_hole_in_system_ram(guest, agent):
+    iomem = guest.check("cat /proc/iomem")
+    ram = [
+        tuple(int(x, 16) for x in line.split(" : ")[0].split("-"))
+        for line in iomem.splitlines()
+        if line.endswith(" : System RAM")
+    ]
+    assert ram
+    for region in agent.cma.regions:
+        assert all(region.end <= low or high < region.start for low, high in ram)
