@@ -167,7 +167,7 @@ class Cma:
 
     def __init__(self, registry: AllocatorRegistry | None = None) -> None:
         self._lock = threading.RLock()
-        self._registry = registry if registry is not None else AllocatorRegistry.with_builtins()
+        self._registry = registry if registry is not None else AllocatorRegistry.installed()
         self._early: list[EarlyRegion] = []
         self._regions: list[Region] = []
         self._chunks: SortedDict = SortedDict()  # start -> Chunk, the global chunk tree

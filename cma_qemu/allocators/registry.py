@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import logging
 
 from cma_qemu.allocators.base import Allocator
-from cma_qemu.errors import EBUSY, EINVAL, ENOENT
+from cma_qemu.errors import EBUSY, EINVAL, ENOENT, CmaError
 
 __all__ = ["ENTRY_POINT_GROUP", "AllocatorRegistry"]
 
@@ -29,6 +30,9 @@ def _why_not_allocator(obj: object) -> str | None:
     if not isinstance(name, str) or not name:
         return f"{obj.__qualname__} has no name (a non-empty str class attribute)"
     return None
+
+
+log = logging.getLogger(__name__)
 
 
 class AllocatorRegistry:
@@ -85,6 +89,20 @@ class AllocatorRegistry:
 
     def __len__(self) -> int:
         return len(self._classes)
+
+    @classmethod
+    def installed(cls) -> AllocatorRegistry:
+        """The built-ins, then every allocator installed packages declare (``ENTRY_POINT_GROUP``).
+
+        A broken third-party entry point is logged and skipped as a whole (see
+        :meth:`load_entry_points`); it must not take the built-in allocators down with it.
+        """
+        registry = cls.with_builtins()
+        try:
+            registry.load_entry_points()
+        except CmaError as error:
+            log.warning("third-party allocators not loaded: %s", error)
+        return registry
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[str]:
         """Register every allocator the installed packages declare in ``group``.

@@ -8,13 +8,14 @@ rather than changing it.
 from __future__ import annotations
 
 import base64
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
 
 from cma_qemu.channel.arguments import U64_MAX, Arguments
 from cma_qemu.channel.commands import chunk_json, info_json
-from cma_qemu.errors import EINVAL, EIO, EOPNOTSUPP, CmaError
+from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP, CmaError
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.regions import Region
 
@@ -87,6 +88,8 @@ class MonitorCommands:
             "cma-alloc-from": self.alloc_from,
             "cma-free": self.free,
             "cma-read": self.read,
+            "query-cma-allocators": self.query_allocators,
+            "cma-allocator-register": self.allocator_register,
         }
 
     def names(self) -> list[str]:
@@ -174,6 +177,36 @@ class MonitorCommands:
         alignment = args.u64("alignment", 0)
         args.done()
         return chunk_detail(self.cma.alloc_from(regions, size, alignment, owner=MONITOR_OWNER))
+
+    def query_allocators(self, args: Arguments) -> object:
+        """The allocators loaded now; the first is the default."""
+        args.done()
+        registry = self.cma.registry
+        return [
+            {"name": name, "default": name == registry.default_name} for name in registry.names()
+        ]
+
+    def allocator_register(self, args: Arguments) -> object:
+        """Load ``module:Class`` and register it while the agent runs (like a module load).
+
+        Regions waiting for an allocator of that name attach it; the socket is the owner's
+        only (0600), since this imports code.
+        """
+        target = args.string("class")
+        args.done()
+        module_name, colon, class_name = target.partition(":")
+        if not colon or not module_name or not class_name:
+            raise EINVAL(f"'class' must look like 'package.module:Class', got {target[:128]!r}")
+        try:
+            module = importlib.import_module(module_name)
+            cls = getattr(module, class_name)
+        except Exception as error:
+            raise ENOENT(f"cannot load {target[:128]!r}: {type(error).__name__}: {error}") from None
+        self.cma.allocator_register(cls)
+        return {
+            "name": cls.name,
+            "regions": [r.name for r in self.cma.regions if r.attached == cls.name],
+        }
 
     def free(self, args: Arguments) -> object:
         """Free any chunk, whoever owns it: the operator's override."""
