@@ -32,17 +32,29 @@ as_root() {
     fi
 }
 
+# (Outputs are captured before matching: with pipefail, `cmd | grep -q` fails whenever grep
+# exits early and cmd dies of SIGPIPE.)
 missing_packages() {
-    local p
+    local p status
     for p in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+        status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
+        [[ "$status" == *"install ok installed"* ]] || echo "$p"
     done
 }
 
+has_candidate() {
+    local policy
+    policy="$(apt-cache policy "$1" 2>/dev/null || true)"
+    [[ "$policy" =~ Candidate:\ [0-9] ]]
+}
+
 armhf_ready() {
-    dpkg --print-foreign-architectures | grep -qx armhf &&
-        apt-cache policy busybox-static:armhf 2>/dev/null | grep -q 'Candidate: [0-9]' &&
-        apt-cache policy linux-image-armmp-lpae:armhf 2>/dev/null | grep -q 'Candidate: [0-9]'
+    local arches
+    arches="$(dpkg --print-foreign-architectures)"
+    [[ $'\n'"$arches"$'\n' == *$'\n'armhf$'\n'* ]] &&
+        has_candidate busybox-static:armhf &&
+        has_candidate linux-image-armmp-lpae:armhf &&
+        has_candidate linux-image-armmp:armhf
 }
 
 setup_apt() {
@@ -52,7 +64,8 @@ setup_apt() {
         return
     fi
     say "apt: armhf architecture and packages: ${missing//$'\n'/ }"
-    dpkg --print-foreign-architectures | grep -qx armhf || as_root dpkg --add-architecture armhf
+    [[ $'\n'"$(dpkg --print-foreign-architectures)"$'\n' == *$'\n'armhf$'\n'* ]] ||
+        as_root dpkg --add-architecture armhf
     # One index can be mid-sync and make `update` exit non-zero; what matters is below.
     as_root apt-get update -q || say "apt-get update reported an error; checking the packages anyway"
     if ! armhf_ready; then
