@@ -7,6 +7,7 @@ knows the framework, the monitor knows both through callables).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -22,9 +23,9 @@ import numpy as np
 
 from cma_qemu.boards import Board
 from cma_qemu.channel import ChannelServer, Pacing
-from cma_qemu.errors import EIO
+from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
-from cma_qemu.machine.guest_image import find_guest
+from cma_qemu.machine.guest_image import build_guest, find_guest
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
 from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach
@@ -140,7 +141,11 @@ class Agent:
         say = progress or (lambda _message: None)
         say("placing the CMA regions")
         cma = build_cma(board=board, regions=regions, map_text=map_text, asterisk=asterisk)
-        image = find_guest(board.kernel_flavour)
+        try:
+            image = find_guest(board.kernel_flavour)
+        except ENODEV:
+            say(f"building the {board.kernel_flavour} guest image (once; cached)")
+            image = await asyncio.to_thread(build_guest, board.kernel_flavour, None, say)
         reservations = [(r.name, r.start, r.size) for r in cma.regions]
         machine = Machine(board, reservations, image=image, boot_timeout=boot_timeout)
         say(f"booting {board.name} ({board.machine_type}, {board.kernel_flavour} kernel)")
