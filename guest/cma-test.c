@@ -88,7 +88,7 @@ static void usage(FILE *f)
 	      "  i|info DEV[/KIND]                    region info for a device\n"
 	      "  w|write ID PATTERN                   fill word[i] = PATTERN + i\n"
 	      "  v|verify ID PATTERN                  check word[i] == PATTERN + i\n"
-	      "  b|bench N DEV[/KIND] SIZE            time N alloc+free pairs\n"
+	      "  b|bench N DEV[/KIND] SIZE            time N alloc round trips (each freed)\n"
 	      "  p|ping N                             time N empty round trips\n"
 	      "  # comment\n", f);
 }
