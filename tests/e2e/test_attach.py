@@ -1,0 +1,200 @@
+"""Serving a QEMU the test started itself: ``Agent.attach`` and ``cma-qemu attach``.
+
+The test builds QEMU's command line with the machine layer's helpers (the same DTB patching
+the agent does at boot, so the guest boots with the regions reserved), adds a second QMP
+socket of its own (QEMU serves one client per QMP socket and the agent holds the first), and
+drives the guest console itself with pexpect. One QEMU boot serves the whole module; the last
+test shuts it down and checks that ``cma-qemu attach`` notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+from qemu.qmp import QMPClient
+
+from cma_qemu.agent import Agent
+from cma_qemu.boards import load_board
+from cma_qemu.channel import ChannelServer
+from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
+from cma_qemu.machine.guest_image import find_guest
+from cma_qemu.machine.launch import LaunchFiles, machine_args, qemu_command
+from cma_qemu.replay import build_cma
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
+]
+
+CLI = str(Path(sys.executable).with_name("cma-qemu"))
+PROMPT = "cma# "
+STUB_PROMPT = "cma-test> "
+BOARD = load_board("virt")
+RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
+
+
+@dataclass
+class Qemu:
+    child: pexpect.spawn[str]
+    files: LaunchFiles
+    control: Path  # the test's own QMP socket
+
+    def expect(self, pattern: Any, timeout: float = 30) -> Any:
+        self.child.expect(pattern, timeout=timeout)
+        return self.child.match
+
+    def shell(self, cmd: str, timeout: float = 30) -> str:
+        """Run a command at the guest prompt; what it printed (echo and all)."""
+        self.child.sendline(cmd)
+        self.expect(PROMPT, timeout)
+        return str(self.child.before).replace("\r", "")
+
+    def stub_alloc(self, line: str) -> int:
+        """Start ``cma-test`` held open, allocate with ``line``; the chunk's start."""
+        self.child.sendline("cma-test")
+        self.expect(STUB_PROMPT)
+        self.child.sendline(line)
+        match = self.expect(r"1: 0x100000@(0x[0-9a-f]+)\r*\n")
+        self.expect(STUB_PROMPT)
+        return int(match.group(1), 16)
+
+    def stub_send(self, line: str) -> str:
+        self.child.sendline(line)
+        self.expect(STUB_PROMPT)
+        return str(self.child.before).replace("\r", "")
+
+    def stub_end(self) -> None:
+        """Ctrl-D: the stub frees its chunks and exits to the shell."""
+        self.child.send("\x04")
+        self.expect(PROMPT)
+
+    async def qmp(self, command: str) -> Any:
+        client = QMPClient("attach-test")
+        await client.connect(str(self.control))
+        try:
+            return await client.execute(command)
+        finally:
+            with contextlib.suppress(EOFError):  # after `quit` QEMU closes the socket first
+                await client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
+    image = find_guest(BOARD.kernel_flavour)
+    run = tmp_path_factory.mktemp("att")
+    files = LaunchFiles.in_dir(run, run / "guest.ram")
+    dtb = dump_qemu_dtb(machine_args(BOARD, files.ram_file))
+    files.dtb.write_bytes(add_reserved_memory(dtb, RESERVATIONS))
+    control = run / "control.sock"
+    argv = qemu_command(
+        BOARD, image, files, extra_args=["-qmp", f"unix:{control},server=on,wait=off"]
+    )
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace")
+    q = Qemu(child, files, control)
+    try:
+        assert q.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", 120).group(1) == "/dev/vport0p1"
+        q.expect(PROMPT)
+        ram = re.findall(r"^([0-9a-f]+)-([0-9a-f]+) : System RAM", q.shell("cat /proc/iomem"), re.M)
+        for _, start, size in RESERVATIONS:  # booted with the regions reserved
+            assert all(int(b, 16) < start or start + size <= int(a, 16) for a, b in ram), ram
+        yield q
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close(force=True)
+
+
+async def _until(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_agent_attach_serves_the_guest_and_leaves_qemu_running(qemu: Qemu) -> None:
+    agent = await Agent.attach(BOARD, qemu.files.qmp_socket, qemu.files.channel_socket)
+    try:
+        assert [(r.name, r.start, r.size) for r in agent.cma.regions] == RESERVATIONS
+        start = await asyncio.to_thread(qemu.stub_alloc, "alloc vpu/dec 1M")
+        chunk = agent.cma.chunk(start)
+        assert chunk.region.name == "video" and chunk.requested == 0x100000
+        assert chunk.owner == ChannelServer.owner_for(BOARD.channel.name)
+        assert await asyncio.to_thread(qemu.stub_send, "write 1 0xc0ffee") == "write 1 0xc0ffee\n"
+        assert await agent.find_mismatch(chunk, 0xC0FFEE) is None  # guest bytes, host view
+        await asyncio.to_thread(qemu.stub_end)
+        await _until(lambda: agent.cma.chunks == [])
+    finally:
+        await agent.close()
+    assert qemu.child.isalive()
+    assert (await qemu.qmp("query-status"))["status"] == "running"
+    out = await asyncio.to_thread(qemu.shell, "echo alive-$((40 + 2))")
+    assert "alive-42" in out
+
+
+def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([fd], [], [], 0.5)[0]:
+            data += os.read(fd, 65536)
+            try:
+                return dict(json.loads(data))
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON from cma-qemu attach: {data!r}")
+
+
+async def test_cli_attach_monitor_sees_the_guest_and_exits_with_qemu(qemu: Qemu) -> None:
+    f = qemu.files
+    proc = subprocess.Popen(
+        [CLI, "attach", "--qmp", str(f.qmp_socket), "--channel", str(f.channel_socket),
+         "--board", "virt", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        info = await asyncio.to_thread(_read_json, proc, 30)
+        assert (info["qmp"], info["channel"]) == (str(f.qmp_socket), str(f.channel_socket))
+        assert [(r["name"], r["start"], r["size"]) for r in info["regions"]] == RESERVATIONS
+        monitor = QMPClient("attach-test-monitor")
+        await monitor.connect(info["monitor"])
+        try:
+            start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
+            chunks = await monitor.execute("query-cma-chunks")
+            assert [(c["addr"], c["region"]) for c in chunks] == [(start, "camera")]
+            event = await asyncio.wait_for(monitor.events.get(), 5)
+            assert event["event"] == "CMA_ALLOC"
+            await asyncio.to_thread(qemu.stub_end)
+            deadline = time.monotonic() + 10
+            while await monitor.execute("query-cma-chunks"):
+                assert time.monotonic() < deadline, "the stub's chunk was not freed"
+                await asyncio.sleep(0.05)
+        finally:
+            await monitor.disconnect()
+
+        t0 = time.monotonic()
+        await qemu.qmp("quit")
+        await asyncio.to_thread(qemu.expect, pexpect.EOF, 30)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not Path(info["monitor"]).exists()
