@@ -1,0 +1,102 @@
+"""The benchmark scripts import cleanly and their pure helpers compute what they claim (no QEMU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def boot() -> ModuleType:
+    return _load("bench_boot")
+
+
+@pytest.fixture(scope="module")
+def channel() -> ModuleType:
+    return _load("bench_channel")
+
+
+@pytest.fixture(scope="module")
+def memory() -> ModuleType:
+    return _load("bench_memory")
+
+
+def test_interleave_alternates_until_each_kind_has_its_runs(boot: ModuleType) -> None:
+    order = boot.interleave(("a", "b", "c"), {"a": 3, "b": 3, "c": 1})
+    assert order == ["a", "b", "c", "a", "b", "a", "b"]
+    assert boot.interleave(("a", "b"), {"a": 0, "b": 0}) == []
+
+
+def test_spread_reports_range_and_half_width_of_the_median(boot: ModuleType) -> None:
+    assert boot.spread([1.0, 2.0, 3.0]) == "1.00-3.00 (+-50%)"
+    assert boot.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+def test_plain_argv_is_the_agent_command_without_the_patched_dtb(boot: ModuleType) -> None:
+    from cma_qemu.boards import load_board
+    from cma_qemu.machine.guest_image import GuestImage
+
+    board = load_board("virt")
+    image = GuestImage("armmp-lpae", Path("/k"), Path("/i"), None)
+    argv = boot.plain_argv(board, image, Path("/run/x"), Path("/dev/shm/r.ram"))
+    assert "-dtb" not in argv
+    assert argv[argv.index("-kernel") + 1] == "/k"
+    assert argv[argv.index("-initrd") + 1] == "/i"
+    assert any("virtserialport" in a for a in argv)
+    assert any("mem-path=/dev/shm/r.ram" in a for a in argv)
+
+
+def test_cli_argv_runs_true_on_the_board(boot: ModuleType) -> None:
+    assert boot.cli_argv("virt")[-4:] == ["boot", "virt", "--run", "true"]
+
+
+def test_parse_timing_reads_the_stub_lines(channel: ModuleType) -> None:
+    out = "ping: n=2000 p50=118us p99=262us\nbench: n=2000 p50=151us p99=386us\n"
+    assert channel.parse_timing(out) == {"ping": (2000, 118, 262), "bench": (2000, 151, 386)}
+    assert channel.parse_timing("bench: ETIMEDOUT: no reply from the agent\n") == {}
+
+
+def test_nearest_rank_matches_the_stub(channel: ModuleType) -> None:
+    values = list(range(1, 101))
+    assert channel.nearest_rank(values, 50) == 50
+    assert channel.nearest_rank(values, 99) == 99
+    assert channel.nearest_rank([7], 99) == 7
+    assert channel.nearest_rank([1, 2, 3], 50) == 2
+
+
+def test_board_result_ratio_is_bench_p50_over_ping_p50(channel: ModuleType) -> None:
+    r = channel.BoardResult("virt", "vpu/dec", 10, "virtio-serial")
+    r.ping = [(100, 200), (120, 300), (110, 250)]
+    r.bench = [(130, 400), (150, 500), (140, 450)]
+    assert r.p50("ping") == 110 and r.p99("bench") == 450
+    assert r.ratio == pytest.approx(140 / 110)
+    assert r.round_ratios() == pytest.approx([1.3, 1.25, 140 / 110])
+
+
+def test_agent_side_costs_are_positive_and_replies_sized(channel: ModuleType) -> None:
+    side = channel.agent_side("virt", "vpu/dec", n=50)
+    assert side["ping"] > 0 and side["alloc"] > 0 and side["free"] > 0
+    assert side["ping reply bytes"] < side["alloc reply bytes"]
+
+
+def test_memory_helpers(memory: ModuleType) -> None:
+    assert memory.parse_size("32M") == 32 << 20
+    assert memory.parse_size("1g") == 1 << 30
+    assert memory.parse_size("4096") == 4096
+    assert memory.gbps(2_000_000_000, 2.0) == 1.0
+    assert memory.spread_gbps(1_000_000_000, [0.5, 1.0, 2.0]) == "0.50-2.00"
