@@ -632,8 +632,9 @@ class Machine:
             if self._exited.is_set():
                 # QEMU is gone already (pidfd): skip ptyprocess's 0.1 s "give the kernel
                 # time" sleep in close(), a tenth of a second on every shutdown
-                with contextlib.suppress(AttributeError):
-                    self._child.ptyproc.delayafterclose = 0
+                ptyproc = getattr(self._child, "ptyproc", None)
+                if ptyproc is not None:
+                    ptyproc.delayafterclose = 0
             with contextlib.suppress(Exception):
                 self._child.close(force=True)
             self.exit_status = self._child.exitstatus
