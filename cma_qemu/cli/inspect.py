@@ -36,7 +36,9 @@ async def _execute(client: QMPClient, command: str, args: dict[str, Any] | None 
         return await client.execute(command, args)
     except ExecuteError as error:
         cls = error_class(error.error_class)
-        raise cls(str(error), where=f"monitor {command}") from None
+        # the monitor's desc starts with the command already: say it once
+        message = str(error).removeprefix(f"{command}: ")
+        raise cls(message, where=f"monitor {command}") from None
 
 
 async def _inspect(args: argparse.Namespace) -> int:
