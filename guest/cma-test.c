@@ -619,6 +619,9 @@ static int chan_open(const char *cmd, int quiet)
 
 			if (tcgetattr(chan_fd, &t) == 0) {
 				cfmakeraw(&t);
+				/* the UART's receive timeout is counted in character times */
+				cfsetispeed(&t, B115200);
+				cfsetospeed(&t, B115200);
 				t.c_cc[VMIN] = 1;
 				t.c_cc[VTIME] = 0;
 				tcsetattr(chan_fd, TCSANOW, &t);
