@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from cma_qemu.boards import Board
-from cma_qemu.channel import ChannelServer, Pacing
+from cma_qemu.channel import ChannelServer, FifoGate
 from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.machine.guest_image import build_guest, find_guest
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
-from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach
+from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, uart_rx_level
 from cma_qemu.monitor import Monitor
 from cma_qemu.replay import build_cma
 
@@ -194,14 +194,23 @@ class Agent:
         monitor.read_memory = agent.read
         try:
             await monitor.start(monitor_path)
-            pacing = Pacing() if board.channel.kind == "uart" else None
-            channel.add_port(board.channel.name, machine.channel_path, pacing=pacing)
+            channel.add_port(board.channel.name, machine.channel_path, gate=cls._gate(machine))
             await channel.wait_connected(board.channel.name, timeout=15)
             agent._follow_events()
         except BaseException:
             await agent._close_serving()
             raise
         return agent
+
+    @staticmethod
+    def _gate(machine: Machine | AttachedMachine) -> FifoGate | None:
+        """A UART channel's writes are metered by its receive FIFO's level (see FifoGate)."""
+        spec = machine.board.channel
+        status = getattr(spec, "rx_fifo_status", None)
+        if spec.kind != "uart" or status is None:
+            return None
+        size = int(getattr(spec, "rx_fifo_size", 64))
+        return FifoGate(lambda: uart_rx_level(machine.qmp, status, size), size)
 
     def _follow_events(self) -> None:
         """RESET releases the guest's chunks; a closed virtio port releases them too."""

@@ -43,6 +43,10 @@ class ChannelSpec:
 
     kind: ChannelKind
     name: str
+    #: Guest physical address of the UART's FIFO status register (UFSTAT on Exynos), which
+    #: the agent reads over QMP to never overfill the receive FIFO; None for virtio-serial.
+    rx_fifo_status: int | None = None
+    rx_fifo_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -239,13 +243,30 @@ def load_board_file(path: Path) -> Board:
             raise reader.fail(where, f"{item.label} is not inside RAM")
         keep_free.append(item)
 
-    channel_table = reader.table(data, "channel", {"kind", "name"})
+    channel_table = reader.table(
+        data, "channel", {"kind", "name", "rx_fifo_status", "rx_fifo_size"}
+    )
     kind = reader.string(channel_table, "kind", "channel")
     if kind not in ("virtio-serial", "uart"):
         raise reader.fail("channel.kind", f"{kind!r}: must be 'virtio-serial' or 'uart'")
     if machine_type == "smdkc210" and kind != "uart":
         raise reader.fail("channel.kind", "smdkc210 has no virtio bus: use 'uart'")
-    channel = ChannelSpec(cast(ChannelKind, kind), reader.string(channel_table, "name", "channel"))
+    fifo_status = channel_table.get("rx_fifo_status")
+    if fifo_status is not None and (
+        isinstance(fifo_status, bool) or not isinstance(fifo_status, int)
+    ):
+        raise reader.fail("channel.rx_fifo_status", "must be an address (an integer)")
+    fifo_size = channel_table.get("rx_fifo_size", 64)
+    if isinstance(fifo_size, bool) or not isinstance(fifo_size, int) or not 2 <= fifo_size <= 4096:
+        raise reader.fail("channel.rx_fifo_size", "must be an integer from 2 to 4096")
+    if fifo_status is not None and kind != "uart":
+        raise reader.fail("channel.rx_fifo_status", "only a UART channel has a FIFO")
+    channel = ChannelSpec(
+        cast(ChannelKind, kind),
+        reader.string(channel_table, "name", "channel"),
+        fifo_status,
+        fifo_size,
+    )
 
     cma = reader.table(data, "cma", {"regions", "map", "asterisk"})
     regions = reader.string(cma, "regions", "cma", "")

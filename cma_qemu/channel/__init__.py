@@ -5,7 +5,7 @@ from cma_qemu.channel.commands import GUEST_COMMANDS
 from cma_qemu.channel.framing import MAX_LINE, LineSplitter
 from cma_qemu.channel.messages import Request, RequestError, parse_request
 from cma_qemu.channel.server import ChannelServer, ResetHook
-from cma_qemu.channel.session import GuestSession, Pacing
+from cma_qemu.channel.session import FifoGate, GuestSession
 
 __all__ = [
     "GUEST_COMMANDS",
@@ -13,9 +13,9 @@ __all__ = [
     "U64_MAX",
     "Arguments",
     "ChannelServer",
+    "FifoGate",
     "GuestSession",
     "LineSplitter",
-    "Pacing",
     "Request",
     "RequestError",
     "ResetHook",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from cma_qemu.channel.session import GuestSession, Pacing
+from cma_qemu.channel.session import FifoGate, GuestSession
 from cma_qemu.errors import EADDRINUSE, ENOENT, ETIMEDOUT
 from cma_qemu.framework import Chunk, Cma
 
@@ -37,7 +37,7 @@ class _Port:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     connections: int = 0
-    pacing: Pacing | None = None
+    gate: FifoGate | None = None
 
 
 class ChannelServer:
@@ -79,16 +79,16 @@ class ChannelServer:
             raise ENOENT(f"no guest channel port {port!r}") from None
 
     def add_port(
-        self, name: str, path: str | os.PathLike[str], *, pacing: Pacing | None = None
+        self, name: str, path: str | os.PathLike[str], *, gate: FifoGate | None = None
     ) -> GuestSession:
         """Serve ``name`` on QEMU's chardev socket at ``path`` (connects in the background).
 
-        ``pacing`` slows writes to the guest down for channels that lose bursts (a UART).
+        ``gate`` meters writes to the guest for a UART whose receive FIFO must not fill up.
         """
         if name in self._ports:
             raise EADDRINUSE(f"guest channel port {name!r} is already served")
         session = GuestSession(self.cma, self.owner_for(name))
-        port = _Port(name, os.fspath(path), session, pacing=pacing)
+        port = _Port(name, os.fspath(path), session, gate=gate)
         self._ports[name] = port
         port.task = asyncio.create_task(self._run(port), name=f"cma-channel-{name}")
         return port.session
@@ -176,7 +176,7 @@ class ChannelServer:
             port.connected.set()
             log.info("port %s: connected to %s", port.name, port.path)
             try:
-                await port.session.serve(reader, writer, port.pacing)
+                await port.session.serve(reader, writer, port.gate)
             except (ConnectionError, OSError) as err:
                 log.info("port %s: connection lost: %s", port.name, err)
             finally:

@@ -54,7 +54,9 @@ __all__ = [
     "parse_info_roms",
     "parse_mtree",
     "pmemsave",
+    "read_register",
     "rom_entries",
+    "uart_rx_level",
     "virtserialports",
 ]
 
@@ -148,6 +150,27 @@ async def hmp(qmp: QMPClient, command: str) -> str:
     """Run an HMP command through ``human-monitor-command`` and return its text."""
     out = await qmp_call(qmp, "human-monitor-command", {"command-line": command})
     return str(out).replace("\r", "")
+
+
+_XP_WORD = re.compile(r":\s*0x([0-9a-fA-F]+)")
+
+
+async def read_register(qmp: QMPClient, addr: int) -> int:
+    """One 32-bit word of guest physical address space, device registers included (HMP ``xp``).
+
+    Reading a status register this way has no side effects in QEMU's device models.
+    """
+    text = await hmp(qmp, f"xp /1wx {addr:#x}")
+    match = _XP_WORD.search(text)
+    if match is None:
+        raise EIO(f"cannot read {addr:#x}: {text.strip()[:120]!r}", where="qmp")
+    return int(match.group(1), 16)
+
+
+async def uart_rx_level(qmp: QMPClient, ufstat: int, size: int = 64) -> int:
+    """Bytes in a Samsung UART's receive FIFO (UFSTAT: count in bits 7:0, full in bit 8)."""
+    value = await read_register(qmp, ufstat)
+    return size if value & 0x100 else value & 0xFF
 
 
 async def pmemsave(qmp: QMPClient, addr: int, size: int, path: str | os.PathLike[str]) -> None:
