@@ -125,11 +125,12 @@ async def measure(
     agent = await Agent.boot(board)
     result = BoardResult(board_name, dev, n, board.channel.kind, boot_s=time.perf_counter() - t0)
     if board.channel.kind == "uart":
-        # the UART's RX timeout is counted in character times: the line speed matters
+        # the UART's RX timeout is counted in character times: the line speed matters. The
+        # stub sets 115200 itself when it opens the port; --baud is for experiments only
+        # (the stub overrides what stty set).
         if baud is not None:
             await agent.guest_run(f"stty -F {board.channel.name} {baud} 2>/dev/null")
-        out, _ = await agent.guest_run(f"stty -F {board.channel.name} speed 2>/dev/null")
-        result.channel += f" ({out.strip() or '?'} baud)"
+        result.channel += " (115200 baud, FIFO-gated)"
     async with agent:
         async with agent.stub(timeout=600) as stub:
             for r in range(rounds):
