@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pexpect
+from environment import machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -68,25 +68,6 @@ def interleave(kinds: Sequence[str], runs: dict[str, int]) -> list[str]:
                 order.append(kind)
                 left[kind] -= 1
     return order
-
-
-def machine_info() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    qemu = "qemu-system-arm not found"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["qemu-system-arm", "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-        qemu = out.splitlines()[0] if out else qemu
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), CPython {platform.python_version()}, {qemu}; "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
 
 
 # ------------------------------------------------------------------ baseline: plain QEMU

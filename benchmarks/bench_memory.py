@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from environment import machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -61,25 +58,6 @@ def gbps(nbytes: int, seconds: float) -> float:
 def spread_gbps(nbytes: int, times: Sequence[float]) -> str:
     """The range of per-run rates, slowest to fastest."""
     return f"{gbps(nbytes, max(times)):.2f}-{gbps(nbytes, min(times)):.2f}"
-
-
-def machine_info() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    qemu = "qemu-system-arm not found"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["qemu-system-arm", "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-        qemu = out.splitlines()[0] if out else qemu
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), CPython {platform.python_version()}, {qemu}; "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
 
 
 # ------------------------------------------------------------------ measuring

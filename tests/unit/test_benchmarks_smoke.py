@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the scripts import their sibling modules, as when run
 
 
 def _load(name: str) -> ModuleType:
