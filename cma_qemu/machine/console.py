@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pexpect
@@ -109,9 +110,11 @@ class Console:
         *,
         transcript: Transcript | None = None,
         pacing: tuple[int, float] | None = None,
+        fifo_level: Callable[[], int] | None = None,
     ) -> None:
         self._child = child
         self._pacing = pacing
+        self._fifo_level = fifo_level
         self.transcript = transcript or Transcript()
         child.logfile_read = self.transcript
         self._lock = threading.RLock()
@@ -161,8 +164,34 @@ class Console:
         burst, interval = self._pacing
         data = line + "\n"
         for offset in range(0, len(data), burst):
+            self._wait_for_fifo(burst)
             self._child.send(data[offset : offset + burst])
             time.sleep(interval)
+
+    def _wait_for_fifo(self, burst: int, fifo_size: int = 64) -> None:
+        """With ``fifo_level``: hold the next burst until the guest's FIFO has room for three.
+
+        One burst may still sit in the pty and one is about to go, so a level of at most
+        ``fifo_size - 1 - 2 * burst`` keeps the FIFO from ever holding ``fifo_size`` bytes (which
+        QEMU 7.2's Exynos UART loses whole). A level that stops moving gets the burst anyway
+        while it still fits: new bytes raise the receive interrupt the guest missed.
+        """
+        if self._fifo_level is None:
+            return
+        limit = fifo_size - 1 - 2 * burst
+        last, since = -1, time.monotonic()
+        while True:
+            level = self._fifo_level()
+            if level <= limit:
+                return
+            now = time.monotonic()
+            if level != last:
+                last, since = level, now
+            elif now - since > 0.05 and level + burst < fifo_size:
+                return
+            elif now - since > 5:
+                return  # nobody reads the console; sending is all that is left
+            time.sleep(0.001)
 
     # -- ready --------------------------------------------------------------------------------
 

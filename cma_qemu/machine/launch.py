@@ -65,6 +65,7 @@ from cma_qemu.machine.qmp import (
     Subscription,
     connect_qmp,
     ram_extent,
+    uart_rx_level,
 )
 from cma_qemu.machine.verify import verify_reservations
 
@@ -93,6 +94,8 @@ VIRTIO_SERIAL_ID = "vser0"
 #: QEMU only sends VSERPORT_CHANGE for ports that have an ``id``.
 CHANNEL_PORT_ID = "cmaport0"
 _CONSOLES = {"virt": "ttyAMA0", "smdkc210": "ttySAC0"}
+#: UFSTAT of the Exynos4210's UART0 (the smdkc210 console): its receive FIFO level.
+_EXYNOS_UART0_UFSTAT = 0x13800018
 MiB = 1024 * 1024
 
 
@@ -325,6 +328,7 @@ class Machine:
         self._memory: GuestMemory | None = None
         self._events: EventHub | None = None
         self._exited = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfd: int | None = None
         self._closing = False
         self._closed = False
@@ -524,12 +528,30 @@ class Machine:
         pid = child.pid
         assert pid is not None
         self._leftovers.pid = pid
-        # The Exynos UART drops input bursts beyond its FIFO: type console lines in bursts.
-        pacing = (32, 0.002) if self.board.machine_type == "smdkc210" else None
-        self._console = Console(child, pacing=pacing)
+        # QEMU 7.2's Exynos UART loses a receive FIFO filled to 64 bytes: type console lines
+        # in bursts, each once the FIFO (UART0's UFSTAT, read over QMP) has room.
+        if self.board.machine_type == "smdkc210":
+            self._console = Console(child, pacing=(16, 0.001), fifo_level=self._console_fifo_level)
+        else:
+            self._console = Console(child)
+        self._loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = os.pidfd_open(pid)
             asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _console_fifo_level(self) -> int:
+        """UART0's receive FIFO level, from a console thread (0 before QMP is up)."""
+        qmp, loop = self._qmp, self._loop
+        if qmp is None or loop is None or not loop.is_running():
+            return 0
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:
+                return 0  # typed from the loop itself: cannot wait on it here
+        future = asyncio.run_coroutine_threadsafe(uart_rx_level(qmp, _EXYNOS_UART0_UFSTAT), loop)
+        try:
+            return future.result(timeout=5)
+        except Exception:  # QMP gone: the console will fail on its own terms
+            return 0
 
     def _alive(self) -> bool:
         """QEMU still exists (pidfd when the kernel has it, else pexpect's waitpid poll)."""
