@@ -25,6 +25,7 @@ from cma_qemu.boards import Board
 from cma_qemu.channel import ChannelServer, FifoGate
 from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
+from cma_qemu.machine.console import Console
 from cma_qemu.machine.guest_image import build_guest, find_guest
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
@@ -75,7 +76,7 @@ class GuestStub:
     chunks alive between :meth:`send` calls, so the host can look at them meanwhile.
     """
 
-    def __init__(self, console: Any, timeout: float) -> None:
+    def __init__(self, console: Console, timeout: float) -> None:
         self._console = console
         self.timeout = timeout
         self.transcript: list[tuple[str, str]] = []
@@ -280,7 +281,7 @@ class Agent:
 
     # ------------------------------------------------------------------ guest commands
     @property
-    def console(self) -> Any:
+    def console(self) -> Console:
         """The guest console (booted machines only)."""
         if not isinstance(self.machine, Machine):
             raise EIO("an attached machine has no console here", where="agent")
