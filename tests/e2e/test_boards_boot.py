@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 from collections.abc import Callable
 
 import pytest
 
 from cma_qemu.pytest_plugin import BoardSession
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
-]
+pytestmark = pytest.mark.e2e
 
 BOARDS = ["virt", "aquila", "goni", "smdkc210"]
 RMEM = "/proc/device-tree/reserved-memory"

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from cma_qemu.replay import build_cma
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
 ]
 
 CLI = str(Path(sys.executable).with_name("cma-qemu"))

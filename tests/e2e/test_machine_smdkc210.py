@@ -3,15 +3,14 @@ pmemsave reads, and the loader rules on a second board."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
+from machine_helpers import board, guest_image
 
-from cma_qemu.errors import EOPNOTSUPP, CmaError
+from cma_qemu.errors import EOPNOTSUPP
 from cma_qemu.machine.launch import Machine
 from cma_qemu.machine.loader import covering
 from cma_qemu.machine.memory import PmemsaveGuestMemory
@@ -21,35 +20,16 @@ from cma_qemu.machine.verify import parse_iomem, system_ram
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
 ]
 
 MiB = 1 << 20
 RESERVATIONS = [("fimc", 0x60000000, 16 * MiB), (None, 0x62000000, MiB)]
 
 
-def board() -> Any:
-    from cma_qemu.boards import load_board
-
-    return load_board("smdkc210")
-
-
-def guest_or_skip(flavour: str) -> Any:
-    from cma_qemu.machine.guest_image import build_guest, find_guest
-
-    try:
-        return find_guest(flavour)
-    except CmaError:
-        try:
-            return build_guest(flavour)
-        except CmaError as exc:
-            pytest.skip(f"no guest image for {flavour}: {exc}")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def smdk() -> AsyncIterator[Machine]:
-    b = board()
-    async with Machine(b, RESERVATIONS, image=guest_or_skip(b.kernel_flavour)) as m:
+    b = board("smdkc210")
+    async with Machine(b, RESERVATIONS, image=guest_image(b.kernel_flavour)) as m:
         print(f"\nsmdkc210: ready marker after {m.boot_time:.2f} s through Machine")
         yield m
 
@@ -62,7 +42,7 @@ async def test_holes_and_uart_channel(smdk: Machine) -> None:
     assert any(e.end == 0x60000000 for e in ram) and any(e.start == 0x61000000 for e in ram)
     assert any(e.start == 0x62100000 for e in ram)
     assert smdk.guest_channel == "/dev/ttySAC1"
-    dev = await find_channel_chardev(smdk.qmp, smdk.channel_path, board())
+    dev = await find_channel_chardev(smdk.qmp, smdk.channel_path, board("smdkc210"))
     assert dev.label == "cma0"
 
 
@@ -79,7 +59,7 @@ async def test_pmemsave_reads_what_the_guest_wrote(smdk: Machine) -> None:
 
 
 async def test_loader_ranges_match_info_roms(smdk: Machine) -> None:
-    image = guest_or_skip("armmp")
+    image = guest_image("armmp")
     roms = {r.name.rsplit("/", 1)[-1]: r for r in await rom_entries(smdk.qmp) if r.addr}
     assert roms["bootloader"].addr == covering(smdk.loaded, "bootloader").start
     kernel = covering(smdk.loaded, "kernel")

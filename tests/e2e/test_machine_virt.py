@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
+from machine_helpers import board, guest_image
 
 from cma_qemu.errors import EADDRINUSE, ETIMEDOUT, CmaError
 from cma_qemu.machine.launch import Machine
@@ -32,35 +31,16 @@ from cma_qemu.machine.verify import parse_iomem, system_ram, verify_reservations
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(shutil.which("qemu-system-arm") is None, reason="qemu-system-arm missing"),
 ]
 
 MiB = 1 << 20
 RESERVATIONS = [("mfc_b1", 0x50000000, 16 * MiB), (None, 0x52000000, MiB)]
 
 
-def board() -> Any:
-    from cma_qemu.boards import load_board
-
-    return load_board("virt")
-
-
-def guest_or_skip(flavour: str) -> Any:
-    from cma_qemu.machine.guest_image import build_guest, find_guest
-
-    try:
-        return find_guest(flavour)
-    except CmaError:
-        try:
-            return build_guest(flavour)
-        except CmaError as exc:
-            pytest.skip(f"no guest image for {flavour}: {exc}")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def virt() -> AsyncIterator[Machine]:
-    b = board()
-    async with Machine(b, RESERVATIONS, image=guest_or_skip(b.kernel_flavour)) as m:
+    b = board("virt")
+    async with Machine(b, RESERVATIONS, image=guest_image(b.kernel_flavour)) as m:
         print(f"\nvirt: ready marker after {m.boot_time:.2f} s through Machine")
         yield m
 
@@ -78,7 +58,7 @@ async def test_reservations_are_holes_in_system_ram(virt: Machine) -> None:
 
 async def test_loader_ranges_match_info_roms(virt: Machine) -> None:
     roms = {r.name.rsplit("/", 1)[-1]: r for r in await rom_entries(virt.qmp) if r.addr}
-    image = guest_or_skip("armmp-lpae")
+    image = guest_image("armmp-lpae")
     boot = covering(virt.loaded, "bootloader")
     assert roms["bootloader"].addr == boot.start and roms["bootloader"].size <= boot.size
     kernel = covering(virt.loaded, "kernel")
@@ -103,10 +83,10 @@ async def test_kernel_range_covers_what_the_guest_kernel_uses(virt: Machine) -> 
     roms = [r for r in await rom_entries(virt.qmp) if r.addr is not None]
     inside_kernel = parts[1].start  # kernel data: past the end of the loaded zImage
     assert not any(r.addr <= inside_kernel < r.addr + r.size for r in roms if r.addr)
-    b = board()
+    b = board("virt")
     with pytest.raises(EADDRINUSE, match=r"bad 0x.* overlaps the kernel 0x40010000-"):
         await Machine(b, [("bad", inside_kernel & ~(MiB - 1), MiB)],
-                      image=guest_or_skip(b.kernel_flavour)).start()  # fmt: skip
+                      image=guest_image(b.kernel_flavour)).start()  # fmt: skip
 
 
 async def test_host_and_guest_share_reserved_memory(virt: Machine) -> None:
@@ -126,7 +106,7 @@ async def test_qmp_discovery(virt: Machine) -> None:
     assert [(b.id, b.mem_path, b.share) for b in backends] == [("ram0", str(virt.ram_path), True)]
     ram = await ram_ranges(virt.qmp)
     assert [(r.start, r.size) for r in ram] == [(0x40000000, 512 * MiB)]
-    dev = await find_channel_chardev(virt.qmp, virt.channel_path, board())
+    dev = await find_channel_chardev(virt.qmp, virt.channel_path, board("virt"))
     assert dev.label == "cma0"
     assert virt.guest_channel == "/dev/vport0p1"
     assert oct(virt.runtime_dir.stat().st_mode & 0o777) == "0o700"
@@ -169,12 +149,10 @@ async def test_verification_catches_a_node_the_kernel_rejected(
     from cma_qemu.machine import launch
 
     monkeypatch.setattr(launch, "check_reservations", lambda *_: None)
-    b = board()
+    b = board("virt")
     bad = [("on_kernel", 0x41000000, MiB)]
     with pytest.raises(CmaError, match="failed to reserve memory for node 'on_kernel@41000000'"):
-        await Machine(
-            b, bad, image=guest_or_skip(b.kernel_flavour), runtime_parent=tmp_path
-        ).start()
+        await Machine(b, bad, image=guest_image(b.kernel_flavour), runtime_parent=tmp_path).start()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -188,7 +166,7 @@ def _own_qemu(tmp: Path, share: bool) -> tuple[subprocess.Popen[bytes], Path, Pa
         "qemu-system-arm", "-M", "virt,memory-backend=mem", "-cpu", "cortex-a15", "-m", "512M",
         "-object", backend,
         "-nodefaults", "-display", "none", "-S",
-        "-kernel", str(guest_or_skip("armmp-lpae").kernel),
+        "-kernel", str(guest_image("armmp-lpae").kernel),
         "-device", "virtio-serial-device,id=bus0",
         "-chardev", f"socket,id=port0,path={chan},server=on,wait=off",
         "-device", "virtserialport,bus=bus0.0,chardev=port0,name=org.cma.0",
@@ -202,7 +180,7 @@ def _own_qemu(tmp: Path, share: bool) -> tuple[subprocess.Popen[bytes], Path, Pa
 async def test_attach_to_a_qemu_started_elsewhere(tmp_path: Path, share: bool) -> None:
     proc, qmp, chan, ram = _own_qemu(tmp_path, share)
     try:
-        async with await attach(qmp, chan, board()) as a:
+        async with await attach(qmp, chan, board("virt")) as a:
             assert a.channel_chardev.label == "port0"
             if share:
                 assert isinstance(a.memory, MmapGuestMemory) and a.memory.path == ram
@@ -218,8 +196,8 @@ async def test_attach_to_a_qemu_started_elsewhere(tmp_path: Path, share: bool) -
 
 
 async def test_cleanup_after_qemu_is_killed(tmp_path: Path) -> None:
-    b = board()
-    m = Machine(b, image=guest_or_skip(b.kernel_flavour), wait_ready=False, runtime_parent=tmp_path)
+    b = board("virt")
+    m = Machine(b, image=guest_image(b.kernel_flavour), wait_ready=False, runtime_parent=tmp_path)
     async with m:
         pid, run_dir, ram = m.pid, m.runtime_dir, m.ram_path
         assert pid is not None and ram is not None and ram.exists() and run_dir.is_dir()
@@ -233,8 +211,8 @@ async def test_cleanup_after_qemu_is_killed(tmp_path: Path) -> None:
 
 
 async def test_timeout_and_cancellation_clean_up(tmp_path: Path) -> None:
-    b = board()
-    image = guest_or_skip(b.kernel_flavour)
+    b = board("virt")
+    image = guest_image(b.kernel_flavour)
     m = Machine(b, image=image, boot_timeout=0.5, runtime_parent=tmp_path)
     with pytest.raises(ETIMEDOUT, match="ready marker"):
         await m.start()
@@ -256,8 +234,8 @@ async def test_timeout_and_cancellation_clean_up(tmp_path: Path) -> None:
 
 
 async def test_qemu_error_is_reported_with_its_message(tmp_path: Path) -> None:
-    b = board()
-    m = Machine(b, image=guest_or_skip(b.kernel_flavour), runtime_parent=tmp_path,
+    b = board("virt")
+    m = Machine(b, image=guest_image(b.kernel_flavour), runtime_parent=tmp_path,
                 extra_args=["-device", "no-such-device"])  # fmt: skip
     with pytest.raises(CmaError, match="'no-such-device' is not a valid device model name"):
         await m.start()

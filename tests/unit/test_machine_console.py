@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pexpect
@@ -10,8 +9,6 @@ import pytest
 
 from cma_qemu.errors import EIO, ETIMEDOUT
 from cma_qemu.machine.console import READY_RE, Console, Transcript
-
-pytestmark = pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
 
 BOOT = (
     "echo 'booting...'; sleep 0.2; echo 'cma-qemu: ready channel=/dev/vport0p1'; "

@@ -128,7 +128,8 @@ def test_console_and_cmdline() -> None:
 
 
 def test_real_board_files_build(tmp_path: Path) -> None:
-    boards = pytest.importorskip("cma_qemu.boards")
+    from cma_qemu import boards
+
     for b in boards.list_boards():
         argv = qemu_command(b, Image(Path("/k"), Path("/i"), Path("/d")), files(tmp_path))
         assert opt_after(argv, "-M")[0].startswith(b.machine_type)
