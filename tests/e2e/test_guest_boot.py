@@ -28,13 +28,13 @@ def test_virt_guest_boots_to_ready_marker(tmp_path: Path) -> None:
     start = time.monotonic()
     child = pexpect.spawn("qemu-system-arm", args, encoding="utf-8", codec_errors="replace")
     try:
-        child.expect(r"cma-qemu: ready channel=(\S+)", timeout=60)
+        child.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", timeout=60)
         assert child.match.group(1) == "/dev/vport0p1"
         boot = time.monotonic() - start
         child.expect("cma# ", timeout=10)
 
         child.sendline("cma-test -h; echo rc=$?")
-        child.expect(r"rc=(\d+)", timeout=10)
+        child.expect(r"rc=(\d+)\r*\n", timeout=10)
         assert "usage: cma-test" in child.before
         assert child.match.group(1) == "0"
         child.expect("cma# ", timeout=10)
