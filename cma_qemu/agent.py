@@ -134,6 +134,7 @@ class Agent:
         regions: str | None = None,
         map_text: str | None = None,
         asterisk: str | None = None,
+        allocator: str | None = None,
         monitor_path: Path | None = None,
         boot_timeout: float = 120.0,
         progress: Progress | None = None,
@@ -141,7 +142,9 @@ class Agent:
         """Place the regions, boot the board with them reserved, verify, serve the guest."""
         say = progress or (lambda _message: None)
         say("placing the CMA regions")
-        cma = build_cma(board=board, regions=regions, map_text=map_text, asterisk=asterisk)
+        cma = build_cma(
+            board=board, regions=regions, map_text=map_text, asterisk=asterisk, allocator=allocator
+        )
         try:
             image = find_guest(board.kernel_flavour)
         except ENODEV:
@@ -168,6 +171,7 @@ class Agent:
         regions: str | None = None,
         map_text: str | None = None,
         asterisk: str | None = None,
+        allocator: str | None = None,
         monitor_path: Path | None = None,
     ) -> Agent:
         """Serve a QEMU someone else started (a test harness): its QMP and channel sockets.
@@ -175,7 +179,9 @@ class Agent:
         The regions are placed as at boot; the caller is responsible for having booted the
         guest with them reserved (``cma-qemu boot --json`` prints them).
         """
-        cma = build_cma(board=board, regions=regions, map_text=map_text, asterisk=asterisk)
+        cma = build_cma(
+            board=board, regions=regions, map_text=map_text, asterisk=asterisk, allocator=allocator
+        )
         machine = await attach(qmp_path, channel_path, board)
         try:
             runtime = monitor_path.parent if monitor_path else Path(qmp_path).parent

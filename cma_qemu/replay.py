@@ -16,7 +16,7 @@ from cma_qemu.framework import Cma
 from cma_qemu.regions import RamBank, ReservedRange
 from cma_qemu.script import FrameworkBackend, ScriptRunner, parse_number
 
-__all__ = ["RegionSummary", "ReplayResult", "build_cma", "parse_ram", "replay"]
+__all__ = ["RegionSummary", "ReplayResult", "build_cma", "parse_ram", "replay", "use_allocator"]
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,12 @@ def build_cma(
     map_text: str | None = None,
     asterisk: str | None = None,
     keep_free: Sequence[ReservedRange] = (),
+    allocator: str | None = None,
 ) -> Cma:
     """Boot a framework the way the agent does: board defaults, ``--cma`` replacing regions.
 
-    ``--map`` and ``--asterisk`` are applied after boot, as the monitor's writes would be.
+    ``--map`` and ``--asterisk`` are applied after boot, as the monitor's writes would be;
+    ``allocator`` puts every region on that allocator.
     """
     if board is not None:
         cma = Cma.from_attributes(
@@ -95,17 +97,24 @@ def build_cma(
         cma.set_map(map_text)
     if asterisk is not None:
         cma.set_asterisk(asterisk)
+    if allocator is not None:
+        use_allocator(cma, allocator)
     return cma
+
+
+def use_allocator(cma: Cma, name: str) -> None:
+    """Put every region on the allocator ``name`` (EINVAL naming the loaded ones if unknown)."""
+    if cma.registry.get(name) is None:
+        known = ", ".join(cma.registry.names())
+        raise EINVAL(f"no allocator named {name!r} (loaded: {known})")
+    for region in cma.regions:
+        cma.set_region_allocator(region, name)
 
 
 def replay(script: str, cma: Cma, allocator: str | None = None) -> ReplayResult:
     """Run ``script`` against ``cma``, optionally with every region on one allocator."""
     if allocator is not None:
-        if cma.registry.get(allocator) is None:
-            known = ", ".join(cma.registry.names())
-            raise EINVAL(f"no allocator named {allocator!r} (loaded: {known})")
-        for region in cma.regions:
-            cma.set_region_allocator(region, allocator)
+        use_allocator(cma, allocator)
     out, err = io.StringIO(), io.StringIO()
     runner = ScriptRunner(FrameworkBackend(cma), out, err)
     runner.run(script)

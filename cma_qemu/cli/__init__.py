@@ -118,6 +118,9 @@ def _attribute_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cma", metavar="REGIONS", help="regions attribute (like cma=)")
     parser.add_argument("--map", help="map attribute (replaces the board's)")
     parser.add_argument("--asterisk", metavar="LIST", help="asterisk list (replaces the default)")
+    parser.add_argument(
+        "--allocator", metavar="NAME", help="put every region on this allocator (bf, bitmap, ...)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

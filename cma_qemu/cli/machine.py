@@ -58,6 +58,7 @@ async def _boot_agent(args: argparse.Namespace, console: Console) -> Agent:
             regions=args.cma,
             map_text=args.map,
             asterisk=args.asterisk,
+            allocator=args.allocator,
             monitor_path=Path(args.monitor) if args.monitor else None,
             progress=progress,
         )
@@ -103,6 +104,7 @@ async def _attach(args: argparse.Namespace) -> int:
         regions=args.cma,
         map_text=args.map,
         asterisk=args.asterisk,
+        allocator=args.allocator,
         monitor_path=Path(args.monitor) if args.monitor else None,
     )
     async with agent:

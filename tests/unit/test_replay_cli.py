@@ -390,3 +390,20 @@ def test_closed_stdout_pipe_is_not_a_traceback() -> None:
         os.close(write_end)
     assert b"Traceback" not in proc.stderr, proc.stderr.decode()
     assert proc.returncode == 0
+
+
+def test_build_cma_puts_every_region_on_one_allocator() -> None:
+    from cma_qemu.boards import load_board
+    from cma_qemu.replay import build_cma
+
+    cma = build_cma(board=load_board("virt"), allocator="bitmap")
+    assert {r.allocator_name for r in cma.regions} == {"bitmap"}
+    assert cma.alloc("vpu", "dec", 1 << 20).region.attached == "bitmap"
+
+
+def test_boot_with_an_unknown_allocator_fails_before_qemu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, err = cli(capsys, "boot", "virt", "--allocator", "nope", "--run", "true")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "EINVAL", "no allocator named 'nope'", "bf, bitmap")
