@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from cma_qemu.cli.demo import cmd_demo
 from cma_qemu.cli.inspect import cmd_inspect
@@ -25,8 +26,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 # ---------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in the one-line form of every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cma-qemu: EINVAL: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cma-qemu",
         description="The 2010 Contiguous Memory Allocator for emulated ARM boards.",
     )

@@ -407,3 +407,17 @@ def test_boot_with_an_unknown_allocator_fails_before_qemu(
     status, out, err = cli(capsys, "boot", "virt", "--allocator", "nope", "--run", "true")
     assert status == 1 and out == ""
     assert_one_line_error(err, "EINVAL", "no allocator named 'nope'", "bf, bitmap")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("boot",), ("replay", "x.txt", "--bogus"), (), ("inspect", "regions")],
+)
+def test_usage_mistakes_are_one_line_too(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("cma-qemu: EINVAL: ") and "--help" in err
