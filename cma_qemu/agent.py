@@ -184,8 +184,7 @@ class Agent:
         )
         machine = await attach(qmp_path, channel_path, board)
         try:
-            runtime = monitor_path.parent if monitor_path else Path(qmp_path).parent
-            return await cls._serve(board, cma, machine, monitor_path or runtime)
+            return await cls._serve(board, cma, machine, monitor_path or Path(qmp_path).parent)
         except BaseException:
             await machine.close()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ async def _demo(board: Board, console: Console) -> int:
             console.print(region_map(*local_snapshot(agent.cma)))
         console.rule("after the stub exits (it frees what it still holds)")
         console.print(region_map(*local_snapshot(agent.cma)))
-        console.print(stats_table([vars(s) for s in agent.cma.stats()]))
+        console.print(stats_table([dataclasses.asdict(s) for s in agent.cma.stats()]))
         leftover = agent.chunks_of_guest()
         if leftover:
             console.print(f"[red]{len(leftover)} guest chunk(s) were not released[/red]")

@@ -92,7 +92,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             asterisk=args.asterisk,
         )
 
-    fresh()  # validate the attributes before running anything
     runs = [replay(script, fresh(), name) for name in args.allocator or [None]]
     if args.json:
         print(json.dumps({"runs": [_result_json(r) for r in runs]}, indent=2))

@@ -8,6 +8,7 @@ rather than changing it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -120,19 +121,7 @@ class MonitorCommands:
     def query_stats(self, args: Arguments) -> object:
         """Per-region counters under mainline's names."""
         args.done()
-        return [
-            {
-                "name": s.name,
-                "start": s.start,
-                "alloc_pages_success": s.alloc_pages_success,
-                "alloc_pages_fail": s.alloc_pages_fail,
-                "release_pages_success": s.release_pages_success,
-                "total_pages": s.total_pages,
-                "available_pages": s.available_pages,
-                "maxchunk": s.maxchunk,
-            }
-            for s in self.cma.stats()
-        ]
+        return [dataclasses.asdict(s) for s in self.cma.stats()]
 
     def query_info(self, args: Arguments) -> object:
         """``cma_info`` for (dev, kind)."""

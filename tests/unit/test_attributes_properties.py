@@ -204,23 +204,24 @@ def test_map_arbitrary_text(text: str) -> None:
 
 
 def _part_regex(part: str) -> str:
-    """A part as a regex over one field; fields never contain NUL, the separator below."""
+    """A part as a regex over one field (dev or kind, matched apart with DOTALL)."""
     out = []
     for i, ch in enumerate(part):
         if ch == "*" and i == len(part) - 1:
-            out.append("[^\x00]*")
+            out.append(".*")
         elif ch == "?":
-            out.append("[^\x00]")
+            out.append(".")
         else:
             out.append(re.escape(ch))
     return "".join(out)
 
 
 def reference_resolve(value: Map, dev: str, kind: str) -> tuple[str, ...] | None:
-    """Spell each pattern out as one regex over "dev NUL kind" and take the first hit.
+    """Spell each pattern part out as a regex and take the first rule whose parts both match.
 
     An empty dev part is replaced by the text of the latest dev pattern before it, which
-    matches exactly when that pattern matched the device.
+    matches exactly when that pattern matched the device. (Dev and kind are matched apart:
+    joined by a separator, a kind holding that separator once let ``*`` swallow it.)
     """
     latest_dev = ""
     for rule in value.rules:
@@ -228,8 +229,9 @@ def reference_resolve(value: Map, dev: str, kind: str) -> tuple[str, ...] | None
             if pattern.dev is not None:
                 latest_dev = pattern.dev
             kind_regex = "" if pattern.kind is None else _part_regex(pattern.kind)
-            regex = _part_regex(latest_dev) + "\x00" + kind_regex
-            if re.fullmatch(regex, f"{dev}\x00{kind}", re.DOTALL):
+            if re.fullmatch(_part_regex(latest_dev), dev, re.DOTALL) and re.fullmatch(
+                kind_regex, kind, re.DOTALL
+            ):
                 return rule.regions
     return None
 
@@ -271,3 +273,10 @@ def test_asterisk_arbitrary_text(text: str) -> None:
     value = _check_outcome(parse_asterisk, "asterisk", text)
     if isinstance(value, tuple):
         assert parse_asterisk(format_asterisk(value)) == value
+
+
+def test_reference_agrees_when_the_kind_holds_a_nul() -> None:
+    # found by hypothesis: the old reference joined dev and kind with NUL, so `*` swallowed it
+    value = parse_map("*=;/*=")
+    assert value is not None
+    assert value.resolve("0", "\x00") == () == reference_resolve(value, "0", "\x00")
