@@ -163,7 +163,13 @@ def _normalised_early(
 
 
 class Cma:
-    """The contiguous memory allocator: regions, chunks, map, asterisk and allocators."""
+    """The contiguous memory allocator: regions, chunks, map, asterisk and allocators.
+
+    Costs below use r for registered regions, c for live chunks, m for the names in a
+    resolved region list, and A for one call of the region's allocator (``bf``: O(log h) in
+    its holes, plus the holes an alignment miss walks over; ``bitmap``: O(pages) scanned in
+    C). Every public method takes one re-entrant lock.
+    """
 
     def __init__(self, registry: AllocatorRegistry | None = None) -> None:
         self._lock = threading.RLock()
@@ -187,7 +193,10 @@ class Cma:
         keep_free: Iterable[ReservedRange] = (),
         registry: AllocatorRegistry | None = None,
     ) -> Cma:
-        """Boot in one call: defaults, early reservation in ``ram``, then ``init``."""
+        """Boot in one call: defaults, early reservation in ``ram``, then ``init``.
+
+        Runtime complexity: O(r^2) (placement checks every region against those placed).
+        """
         cma = cls(registry)
         cma.set_defaults(regions, map, asterisk)
         banks = tuple(b if isinstance(b, RamBank) else RamBank(b[0], b[1]) for b in ram)
@@ -207,6 +216,8 @@ class Cma:
         (the documented behaviour; the 2010 code let the derived one overwrite it); an empty
         one means "not given", as an empty sysfs write means unset. Nothing is changed if any
         of the three strings is invalid.
+
+        Runtime complexity: O(length of the three strings).
         """
         with self._lock:
             specs = parse_regions(regions) if regions else ()
@@ -236,7 +247,10 @@ class Cma:
         allocator: str | None = None,
         in_asterisk: bool = True,
     ) -> EarlyRegion:
-        """``cma_early_region_register``: queue a region to reserve before ``init``."""
+        """``cma_early_region_register``: queue a region to reserve before ``init``.
+
+        Runtime complexity: O(1).
+        """
         if alignment < 0 or alignment & (alignment - 1):
             raise EINVAL(f"alignment {alignment:#x} is not a power of two")
         if size <= 0:
@@ -250,7 +264,7 @@ class Cma:
 
     @property
     def early_regions(self) -> list[EarlyRegion]:
-        """The early list, in registration order."""
+        """The early list, in registration order (a copy). Runtime complexity: O(e)."""
         with self._lock:
             return list(self._early)
 
@@ -259,6 +273,8 @@ class Cma:
 
         All or nothing: a conflict raises (naming both ranges) and reserves none, where the
         2010 code logged a warning and went on without the region.
+
+        Runtime complexity: O((e + r + k)^2) for e early regions and k loader ranges.
         """
         with self._lock:
             pending = [r for r in self._early if not r.reserved]
@@ -276,7 +292,10 @@ class Cma:
             return pending
 
     def init(self) -> list[Region]:
-        """``cma_init``: register the reserved early regions; drop the ones never reserved."""
+        """``cma_init``: register the reserved early regions; drop the ones never reserved.
+
+        Runtime complexity: O(e * (e + r)) (each registration checks for overlaps).
+        """
         with self._lock:
             registered: list[Region] = []
             try:
@@ -310,7 +329,10 @@ class Cma:
         allocator: str | None = None,
         in_asterisk: bool = False,
     ) -> Region:
-        """``cma_region_register``: a range the caller owns; it must not overlap another."""
+        """``cma_region_register``: a range the caller owns; it must not overlap another.
+
+        Runtime complexity: O(r) (the overlap check).
+        """
         if size <= 0 or size % PAGE_SIZE or start % PAGE_SIZE or start < 0:
             raise EINVAL(
                 f"region {name or '<private>'} needs a page-aligned start and a positive "
@@ -339,7 +361,10 @@ class Cma:
             return region
 
     def region_unregister(self, region: Region) -> None:
-        """Remove a region that holds no chunks (v3 ``users`` semantics)."""
+        """Remove a region that holds no chunks (v3 ``users`` semantics).
+
+        Runtime complexity: O(r).
+        """
         with self._lock:
             if region not in self._regions:
                 raise ENOENT(f"region {region.label} is not registered")
@@ -351,12 +376,18 @@ class Cma:
 
     @property
     def regions(self) -> list[Region]:
-        """Registered regions in address order."""
+        """Registered regions in address order (a new sorted list on every call).
+
+        Runtime complexity: O(r log r).
+        """
         with self._lock:
             return sorted(self._regions, key=lambda r: r.start)
 
     def region(self, name: str) -> Region | None:
-        """The most recently registered region with this name."""
+        """The most recently registered region with this name.
+
+        Runtime complexity: O(r) (a walk of the named regions, newest first).
+        """
         with self._lock:
             for region in self._regions:
                 if region.name is None:
@@ -376,6 +407,8 @@ class Cma:
 
         The new allocator is attached to every allocator-less region that asks for its
         name, or asks for the default while it is the first (default) allocator.
+
+        Runtime complexity: O(r) plus one allocator construction per region it attaches to.
         """
         with self._lock:
             self._registry.register(allocator)
@@ -392,6 +425,8 @@ class Cma:
         """Change the allocator a region asks for (v3's ``regions/*/alloc`` write).
 
         EBUSY while the region holds chunks; the new allocator attaches lazily.
+
+        Runtime complexity: O(r).
         """
         with self._lock:
             if region not in self._regions:
@@ -424,7 +459,10 @@ class Cma:
 
     # ----------------------------------------------------------------- allocation
     def subscribe(self, callback: Callable[[CmaEvent], None]) -> Callable[[], None]:
-        """Call ``callback`` after every alloc, free and failed alloc; returns unsubscribe."""
+        """Call ``callback`` after every alloc, free and failed alloc; returns unsubscribe.
+
+        Runtime complexity: O(1); each later event costs one call per subscriber.
+        """
         self._listeners.append(callback)
 
         def unsubscribe() -> None:
@@ -461,7 +499,11 @@ class Cma:
     def alloc(
         self, dev: str, kind: str, size: int, alignment: int = 0, *, owner: str | None = None
     ) -> Chunk:
-        """``cma_alloc``: allocate for (dev, kind) from the regions the map names, in order."""
+        """``cma_alloc``: allocate for (dev, kind) from the regions the map names, in order.
+
+        Runtime complexity: O(map patterns + m * (r + A)) (map matching, then each named
+        region is looked up and tried until one has room).
+        """
         with self._lock:
             try:
                 size_r, align_r = _check_request(size, alignment)
@@ -474,7 +516,10 @@ class Cma:
     def alloc_from(
         self, regions: str | None, size: int, alignment: int = 0, *, owner: str | None = None
     ) -> Chunk:
-        """``cma_alloc_from``: allocate from a comma-separated list (``*``/None: asterisk)."""
+        """``cma_alloc_from``: allocate from a comma-separated list (``*``/None: asterisk).
+
+        Runtime complexity: O(len(regions) + m * (r + A)).
+        """
         with self._lock:
             try:
                 size_r, align_r = _check_request(size, alignment)
@@ -487,7 +532,10 @@ class Cma:
     def alloc_from_region(
         self, region: Region, size: int, alignment: int = 0, *, owner: str | None = None
     ) -> Chunk:
-        """``cma_alloc_from_region``: the only way to reach a private region."""
+        """``cma_alloc_from_region``: the only way to reach a private region.
+
+        Runtime complexity: O(r + A) (the membership check, then one allocator call).
+        """
         with self._lock:
             try:
                 size_r, align_r = _check_request(size, alignment)
@@ -573,14 +621,20 @@ class Cma:
         self._emit(FreeEvent(chunk))
 
     def get(self, addr: int) -> Chunk:
-        """``cma_get``: take one more reference on the chunk starting at ``addr``."""
+        """``cma_get``: take one more reference on the chunk starting at ``addr``.
+
+        Runtime complexity: O(1) (a dict lookup in the chunk tree).
+        """
         with self._lock:
             chunk = self._lookup(addr)
             chunk.refcount += 1
             return chunk
 
     def put(self, addr: int) -> bool:
-        """``cma_put``: drop a reference; True when that freed the chunk."""
+        """``cma_put``: drop a reference; True when that freed the chunk.
+
+        Runtime complexity: O(log c + A) when it frees, else O(1).
+        """
         with self._lock:
             chunk = self._lookup(addr)
             chunk.refcount -= 1
@@ -590,14 +644,21 @@ class Cma:
             return True
 
     def free(self, addr: int) -> Chunk:
-        """``cma_free`` (v3): free the chunk whatever its reference count."""
+        """``cma_free`` (v3): free the chunk whatever its reference count.
+
+        Runtime complexity: O(log c + A).
+        """
         with self._lock:
             chunk = self._lookup(addr)
             self._release(chunk)
             return chunk
 
     def release_owner(self, owner: str) -> list[Chunk]:
-        """Free every chunk of one owner, as closing ``/dev/cma`` did for its fds."""
+        """Free every chunk of one owner, as closing ``/dev/cma`` did for its fds.
+
+        Runtime complexity: O(c + k * (log c + A)) for the k chunks it frees (it scans
+        every live chunk for the owner).
+        """
         with self._lock:
             mine = [c for c in self._chunks.values() if c.owner == owner]
             for chunk in mine:
@@ -606,17 +667,17 @@ class Cma:
 
     @property
     def chunks(self) -> list[Chunk]:
-        """Live chunks in address order."""
+        """Live chunks in address order (a copy). Runtime complexity: O(c)."""
         with self._lock:
             return list(self._chunks.values())
 
     def chunk(self, addr: int) -> Chunk:
-        """The live chunk that starts at ``addr`` (ENOENT otherwise)."""
+        """The live chunk that starts at ``addr`` (ENOENT otherwise). Runtime complexity: O(1)."""
         with self._lock:
             return self._lookup(addr)
 
     def chunk_containing(self, addr: int) -> Chunk | None:
-        """The live chunk whose range holds ``addr``, if any."""
+        """The live chunk whose range holds ``addr``, if any. Runtime complexity: O(log c)."""
         with self._lock:
             index = self._chunks.bisect_right(addr) - 1
             if index < 0:
@@ -639,17 +700,26 @@ class Cma:
         )
 
     def info(self, dev: str, kind: str = "") -> CmaInfo:
-        """``cma_info``: what the map gives (dev, kind)."""
+        """``cma_info``: what the map gives (dev, kind).
+
+        Runtime complexity: O(map patterns + m * r).
+        """
         with self._lock:
             return self._info(self._names_for(dev, kind or ""))
 
     def info_about(self, regions: str | None) -> CmaInfo:
-        """``cma_info_about``: the same over an explicit list (``*``/None: asterisk)."""
+        """``cma_info_about``: the same over an explicit list (``*``/None: asterisk).
+
+        Runtime complexity: O(len(regions) + m * r).
+        """
         with self._lock:
             return self._info(self._names_from_list(regions))
 
     def stats(self) -> list[RegionStats]:
-        """Counters per region, in address order."""
+        """Counters per region, in address order.
+
+        Runtime complexity: O(r log r + sum of each allocator's ``largest_free``).
+        """
         with self._lock:
             return [
                 RegionStats(
@@ -673,12 +743,15 @@ class Cma:
 
     @property
     def map_text(self) -> str:
-        """The map as the sysfs file would show it (without the newline)."""
+        """The map as the sysfs file would show it (without the newline). O(map size)."""
         with self._lock:
             return format_map(self._map)
 
     def set_map(self, text: str) -> None:
-        """Replace the map (the sysfs ``map`` write); invalid text keeps the old one."""
+        """Replace the map (the sysfs ``map`` write); invalid text keeps the old one.
+
+        Runtime complexity: O(len(text)).
+        """
         new = parse_map(text)
         with self._lock:
             self._map = new
@@ -695,7 +768,10 @@ class Cma:
             return format_asterisk(self._asterisk) if self._asterisk is not None else ""
 
     def set_asterisk(self, text: str) -> None:
-        """Replace the asterisk list; empty text unsets it (the sysfs ``asterisk`` write)."""
+        """Replace the asterisk list; empty text unsets it (the sysfs ``asterisk`` write).
+
+        Runtime complexity: O(len(text)).
+        """
         names = parse_asterisk(text)
         with self._lock:
             self._asterisk = names if names else None

@@ -83,8 +83,9 @@ class RamLayout:
 class EarlyRegion:
     """A region asked for before the allocator is up, normalised like the kernel did.
 
-    ``start`` is None until placed (or when the attribute said "anywhere"); ``fixed`` records
-    whether the start was asked for, so a conflict is an error rather than a move.
+    ``start`` is the start the attribute asked for, or None for "anywhere"; placement then
+    writes the chosen start into it and sets ``reserved``. So :attr:`fixed` tells a fixed
+    region from an "anywhere" one only before placement.
     """
 
     name: str | None
@@ -97,7 +98,12 @@ class EarlyRegion:
 
     @property
     def fixed(self) -> bool:
-        """True when the caller gave an exact start."""
+        """True while ``start`` is set.
+
+        Before :func:`place_early_regions` that means the caller asked for this exact start
+        (a conflict is then an error, not a move); after placement every reserved region has
+        a start, so it is true for all of them and says nothing about what was asked.
+        """
         return self.start is not None
 
     @property
@@ -196,20 +202,35 @@ def _top_down(
 class Region:
     """A registered region: a placed range whose free space one allocator instance manages.
 
-    ``allocator_name`` is what the region asked for (None: the default);
-    ``allocator`` is the attached instance, created lazily on first use. ``attach_failed``
-    is the 2010 ``used`` bit: a failed attach is not retried until an allocator registers.
+    The fields are public for reading, like ``struct cma_region`` in the 2010 ``cma.h``, and
+    each field's comment says who may write it, as that header's kerneldoc does. *Read only*:
+    set when the region is registered and never changed. *Framework*: written only by
+    :class:`Cma` under its lock (callers change them through ``Cma`` methods). *Private*: the
+    framework's bookkeeping of the allocator attachment. (The header's *Early* fields are
+    :class:`EarlyRegion` here.)
     """
 
+    #: Read only. The region's name; None for a private region (reached only by address).
     name: str | None
+    #: Read only. Physical start address (page aligned).
     start: int
+    #: Read only. Size in bytes (a page multiple).
     size: int
+    #: Framework. The allocator the region asks for (None: the registry's default); changed
+    #: only by ``Cma.set_region_allocator``.
     allocator_name: str | None = None
+    #: Read only. Whether the derived asterisk list includes the region (no ``-`` prefix).
     in_asterisk: bool = False
+    #: Framework. Bytes not in any chunk (``free_space`` in the 2010 struct).
     free_space: int = 0
+    #: Private. The attached allocator instance (``private_data``), created on first use.
     allocator: Allocator | None = None
+    #: Private. The 2010 ``used`` bit: a failed attach is not retried until an allocator
+    #: registers.
     attach_failed: bool = False
+    #: Framework. Live chunks in the region (v3 ``users``); unregistering needs 0.
     users: int = 0
+    #: Framework. Statistics counters, in pages, with mainline's names.
     alloc_pages_success: int = 0
     alloc_pages_fail: int = 0
     release_pages_success: int = 0

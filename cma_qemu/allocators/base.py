@@ -16,6 +16,9 @@ class Allocator(ABC):
     power of two >= PAGE_SIZE before calling :meth:`alloc`, and only passes :meth:`free` a
     ``(start, size)`` pair that :meth:`alloc` returned. Constructing an instance is the
     ``init(reg)`` of the 2010 interface; :meth:`cleanup` is ``cleanup(reg)``.
+
+    Each implementation states the runtime complexity of its methods; the framework's own
+    costs (``Cma``) are given in terms of them.
     """
 
     #: The name regions ask for in ``:ALLOC-NAME`` and that the registry files it under.

@@ -1,8 +1,8 @@
 """The best-fit allocator of the 2010 patch set (``mm/cma-best-fit.c``, name ``"bf"``).
 
-Behaviour doc section 5, with the intended fix: an alignment miss walks on to the next larger
-hole instead of dereferencing NULL. Holes live in two sorted lists, like the two red-black
-trees of the C code:
+The algorithm is described in docs/semantics.md ("Best fit"), with the intended fix: an
+alignment miss walks on to the next larger hole instead of dereferencing NULL. Holes live in
+two sorted lists, like the two red-black trees of the C code:
 
 * ``by_start``: hole starts in address order, with a dict start -> end beside it, for the
   overlap check and coalescing on free, and for :meth:`holes`;
@@ -39,7 +39,10 @@ def _check_alignment(alignment: int) -> None:
 
 
 class BestFitAllocator(Allocator):
-    """Best fit over a set of free holes; one instance per region."""
+    """Best fit over a set of free holes; one instance per region.
+
+    Costs use h for the number of holes; construction is O(1).
+    """
 
     name: ClassVar[str] = "bf"
 
@@ -56,7 +59,11 @@ class BestFitAllocator(Allocator):
     # -- the Allocator interface -------------------------------------------------------------
 
     def alloc(self, size: int, alignment: int) -> int | None:
-        """Take ``size`` bytes from the smallest hole that holds them aligned (section 5)."""
+        """Take ``size`` bytes from the smallest hole that holds them aligned.
+
+        Runtime complexity: O(log h), plus one step per hole that is big enough but cannot
+        hold the block at ``alignment`` (only alignments above the page size can miss).
+        """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
         _check_alignment(alignment)
@@ -76,6 +83,8 @@ class BestFitAllocator(Allocator):
 
         A range that leaves the region or overlaps a hole (a double free) raises EINVAL and
         changes nothing, where the C code only warned and leaked.
+
+        Runtime complexity: O(log h).
         """
         end = start + size
         if size <= 0 or start < self.start or end > self._end:
@@ -116,18 +125,24 @@ class BestFitAllocator(Allocator):
         by_size.add((new_end - new_start) << _SHIFT | new_start)
 
     def holes(self) -> Iterator[tuple[int, int]]:
-        """Free blocks in address order; they are always maximal because free() merges."""
+        """Free blocks in address order; they are always maximal because free() merges.
+
+        Runtime complexity: O(h) (a snapshot of the starts is taken first).
+        """
         hole_end = self._hole_end
         for start in list(self._by_start):
             yield start, hole_end[start] - start
 
     def largest_free(self) -> int:
-        """The last ``by_size`` key: O(1)."""
+        """The last ``by_size`` key. Runtime complexity: O(1)."""
         by_size = self._by_size
         return int(by_size[-1] >> _SHIFT) if by_size else 0
 
     def cleanup(self) -> None:
-        """Like the C code, insist on one hole; we also insist it is the whole region."""
+        """Like the C code, insist on one hole; we also insist it is the whole region.
+
+        Runtime complexity: O(1), or O(h) to word the EBUSY error.
+        """
         if len(self._by_start) != 1 or self._hole_end.get(self.start) != self._end:
             raise EBUSY(
                 f"region {self.size:#x}@{self.start:#x} still has "
@@ -138,7 +153,10 @@ class BestFitAllocator(Allocator):
     # -- helpers -------------------------------------------------------------------------------
 
     def free_bytes(self) -> int:
-        """Sum of the holes (O(n)); the framework keeps its own ``free_space`` counter."""
+        """Sum of the holes; the framework keeps its own ``free_space`` counter.
+
+        Runtime complexity: O(h).
+        """
         hole_end = self._hole_end
         return sum(hole_end[s] - s for s in self._by_start)
 

@@ -25,7 +25,11 @@ _ZERO_RUNS = re.compile(b"\0+")
 
 
 class BitmapAllocator(Allocator):
-    """First fit over a page bitmap; regions must start and end on page boundaries."""
+    """First fit over a page bitmap; regions must start and end on page boundaries.
+
+    Costs use p for the region's pages; construction is O(p) (the zeroed map). The scans run
+    in C (``bytearray.find``, ``re``), so their constant is small.
+    """
 
     name: ClassVar[str] = "bitmap"
 
@@ -43,7 +47,11 @@ class BitmapAllocator(Allocator):
         self._ones: dict[int, bytes] = {}
 
     def alloc(self, size: int, alignment: int) -> int | None:
-        """First fit: the lowest aligned run of free pages (``bitmap_find_next_zero_area_off``)."""
+        """First fit: the lowest aligned run of free pages (``bitmap_find_next_zero_area_off``).
+
+        Runtime complexity: O(p) per scan for the free run (from the bottom of the map, as
+        mainline scans); an alignment miss scans on from the next aligned page.
+        """
         if size <= 0 or size % PAGE_SIZE:
             raise EINVAL(f"size {size:#x} is not a positive number of pages", where="bitmap")
         if alignment <= 0 or alignment & (alignment - 1):
@@ -75,7 +83,10 @@ class BitmapAllocator(Allocator):
         return self.start + found * PAGE_SIZE
 
     def free(self, start: int, size: int) -> None:
-        """Clear the pages; EINVAL (and no change) unless every page in the range is in use."""
+        """Clear the pages; EINVAL (and no change) unless every page in the range is in use.
+
+        Runtime complexity: O(n) for a chunk of n pages.
+        """
         first, rest = divmod(start - self.start, PAGE_SIZE)
         nr, partial = divmod(size, PAGE_SIZE)
         if rest or partial or nr <= 0 or first < 0 or first + nr > self._pages:
@@ -93,18 +104,24 @@ class BitmapAllocator(Allocator):
         bitmap[first : first + nr] = zeros
 
     def holes(self) -> Iterator[tuple[int, int]]:
-        """Maximal runs of free pages in address order (a snapshot taken at the first next())."""
+        """Maximal runs of free pages in address order (a snapshot taken at the first next()).
+
+        Runtime complexity: O(p).
+        """
         start = self.start
         for run in list(_ZERO_RUNS.finditer(self._map)):
             yield start + run.start() * PAGE_SIZE, (run.end() - run.start()) * PAGE_SIZE
 
     def largest_free(self) -> int:
-        """Longest free run: a scan of the whole map in C (mainline's ``maxchunk`` scans too)."""
+        """Longest free run: a scan of the whole map in C (mainline's ``maxchunk`` scans too).
+
+        Runtime complexity: O(p).
+        """
         longest = max((r.end() - r.start() for r in _ZERO_RUNS.finditer(self._map)), default=0)
         return longest * PAGE_SIZE
 
     def cleanup(self) -> None:
-        """EBUSY while any page is still in use."""
+        """EBUSY while any page is still in use. Runtime complexity: O(p)."""
         used = self._pages - self._map.count(_FREE)
         if used:
             raise EBUSY(

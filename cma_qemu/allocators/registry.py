@@ -56,7 +56,10 @@ class AllocatorRegistry:
         return registry
 
     def register(self, cls: type[Allocator]) -> None:
-        """File ``cls`` under ``cls.name``: EINVAL if it is not an allocator, EBUSY if taken."""
+        """File ``cls`` under ``cls.name``: EINVAL if it is not an allocator, EBUSY if taken.
+
+        Runtime complexity: O(1).
+        """
         why = _why_not_allocator(cls)
         if why is not None:
             raise EINVAL(f"cannot register allocator: {why}", where="allocators")
@@ -70,18 +73,21 @@ class AllocatorRegistry:
         self._classes[cls.name] = cls
 
     def get(self, name: str | None) -> type[Allocator] | None:
-        """The class registered as ``name``; None or ``""`` mean the default; None if unknown."""
+        """The class registered as ``name``; None or ``""`` mean the default; None if unknown.
+
+        Runtime complexity: O(1).
+        """
         if not name:
             return next(iter(self._classes.values()), None)
         return self._classes.get(name)
 
     def names(self) -> list[str]:
-        """Registered names in registration order."""
+        """Registered names in registration order. Runtime complexity: O(number of names)."""
         return list(self._classes)
 
     @property
     def default_name(self) -> str | None:
-        """The first registered name, or None while the registry is empty."""
+        """The first registered name, or None while the registry is empty. O(1)."""
         return next(iter(self._classes), None)
 
     def __contains__(self, name: object) -> bool:
