@@ -11,8 +11,8 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Collection, Sequence
+from typing import Final, NoReturn
 
 from cma_qemu.cli.demo import cmd_demo
 from cma_qemu.cli.inspect import cmd_inspect
@@ -20,7 +20,7 @@ from cma_qemu.cli.machine import cmd_attach, cmd_boot
 from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
 from cma_qemu.errors import CmaError
 
-__all__ = ["main"]
+__all__ = ["ATTRIBUTE_OPTIONS", "join_attribute_values", "main", "parse_args"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds --run/--script may take"
     )
     boot.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
+    _record_option(boot)
     boot.set_defaults(handler=cmd_boot)
 
     att = commands.add_parser(
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     _attribute_options(att)
     att.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
     att.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
+    _record_option(att)
+    att.add_argument(
+        "--state",
+        metavar="FILE",
+        help="journal of the agent's state, restored on the next attach "
+        "(default: cma-state.journal beside the QMP socket)",
+    )
     att.set_defaults(handler=cmd_attach)
 
     ins = commands.add_parser("inspect", help="ask a running agent's monitor (QMP) what it holds")
@@ -131,10 +139,72 @@ def _attribute_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Options whose value is an attribute string. Such a string may begin with ``-`` (a first
+#: region left out of the asterisk list, like the seed's Aquila ``-mfc_fw=1M/128K;...``),
+#: which argparse would take for an option.
+ATTRIBUTE_OPTIONS: Final = ("--cma", "--map", "--asterisk")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its subcommands, recursively."""
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def _looks_like_option(token: str, known: Collection[str]) -> bool:
+    """A token argparse would take for one of our options (exact, ``--opt=...`` or a prefix)."""
+    name = token.split("=", 1)[0]
+    if name in known:
+        return True
+    return name.startswith("--") and len(name) > 2 and any(k.startswith(name) for k in known)
+
+
+def join_attribute_values(argv: Sequence[str], known: Collection[str]) -> list[str]:
+    """``--cma -a=1M`` becomes ``--cma=-a=1M``, so argparse sees a value, not an option.
+
+    A following token that is one of our options (``--cma --json``) is left alone, so a value
+    that is really missing keeps argparse's own "expected one argument" error; nothing after
+    ``--`` is touched. O(len(argv) x len(known)).
+    """
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            out.extend(argv[index:])
+            break
+        if token in ATTRIBUTE_OPTIONS and index + 1 < len(argv):
+            value = argv[index + 1]
+            if value.startswith("-") and value != "--" and not _looks_like_option(value, known):
+                out.append(f"{token}={value}")
+                index += 2
+                continue
+        out.append(token)
+        index += 1
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as the commands see it (a usage mistake exits with status 2)."""
+    parser = _parser()
+    return parser.parse_args(join_attribute_values(argv, _option_strings(parser)))
+
+
+def _record_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write every allocation and free served as a script `cma-qemu replay` runs",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cma-qemu`` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     handler: Handler = args.handler
     try:
         return handler(args)
