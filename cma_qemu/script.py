@@ -7,10 +7,12 @@ contract both follow, word for word, so their outputs can be compared byte for b
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
@@ -20,6 +22,7 @@ from cma_qemu.framework import Cma, CmaInfo
 __all__ = [
     "MAX_LINE",
     "FrameworkBackend",
+    "LiveChunks",
     "ScriptBackend",
     "ScriptRunner",
     "parse_number",
@@ -128,6 +131,61 @@ class _Live:
     size: int
 
 
+class LiveChunks:
+    """The script's live chunks by id, in allocation order, with ids handed out like fds.
+
+    A new chunk gets the lowest positive id no live chunk holds. Every id below
+    ``_next_fresh`` that is not live sits in the min-heap ``_freed``, so that id is the heap's
+    top, or ``_next_fresh`` when the heap is empty. Chunks sit in an ``OrderedDict`` (a hash
+    plus a doubly linked list), so lookup, removal and "the newest" are O(1) and iteration is
+    in allocation order. Costs: :meth:`add` and :meth:`remove` O(log n) (the heap), the rest
+    O(1), iteration O(n), in the number of live chunks.
+    """
+
+    __slots__ = ("_chunks", "_freed", "_next_fresh")
+
+    def __init__(self) -> None:
+        self._chunks: OrderedDict[int, _Live] = OrderedDict()
+        self._freed: list[int] = []
+        self._next_fresh = 1
+
+    def add(self, start: int, size: int) -> int:
+        """Record a new chunk under the lowest unused id and return the id: O(log n)."""
+        if self._freed:
+            chunk_id = heapq.heappop(self._freed)
+        else:
+            chunk_id = self._next_fresh
+            self._next_fresh += 1
+        self._chunks[chunk_id] = _Live(start, size)
+        return chunk_id
+
+    def get(self, chunk_id: int) -> _Live | None:
+        """The live chunk with this id, or None: O(1)."""
+        return self._chunks.get(chunk_id)
+
+    def remove(self, chunk_id: int) -> None:
+        """Forget a live chunk; its id becomes reusable: O(log n)."""
+        del self._chunks[chunk_id]
+        heapq.heappush(self._freed, chunk_id)
+
+    def newest(self) -> int | None:
+        """The id of the most recently allocated live chunk, or None: O(1)."""
+        return next(reversed(self._chunks), None)
+
+    def items(self) -> Iterator[tuple[int, _Live]]:
+        """(id, chunk) in allocation order: O(n)."""
+        return iter(self._chunks.items())
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._chunks)
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return chunk_id in self._chunks
+
+
 def _byte_length(text: str) -> int:
     return len(text.encode("utf-8", "surrogateescape"))
 
@@ -180,7 +238,7 @@ class ScriptRunner:
         self.out = out
         self.err = err
         self.clock = clock
-        self.live: dict[int, _Live] = {}
+        self.live = LiveChunks()
         self.previous: str | None = None
         self.failures = 0
         self.allocations = 0
@@ -282,10 +340,7 @@ class ScriptRunner:
         return value
 
     def _record(self, size: int, start: int) -> None:
-        chunk_id = 1
-        while chunk_id in self.live:
-            chunk_id += 1
-        self.live[chunk_id] = _Live(start, size)
+        chunk_id = self.live.add(start, size)
         self.out.write(f"{chunk_id}: {size:#x}@{start:#x}\n")
 
     # ------------------------------------------------------------------ commands
@@ -318,13 +373,15 @@ class ScriptRunner:
         if args:
             chunk_id = self._chunk_id(args[0])
             self._no_more(args, 1)
-            self._lookup(chunk_id)
-        elif self.live:
-            chunk_id = next(reversed(self.live))
+            chunk = self._lookup(chunk_id)
         else:
-            raise _LineError("ENOENT", "no chunks")
-        self.backend.free(self.live[chunk_id].start)
-        del self.live[chunk_id]
+            newest = self.live.newest()
+            if newest is None:
+                raise _LineError("ENOENT", "no chunks")
+            chunk_id = newest
+            chunk = self._lookup(chunk_id)
+        self.backend.free(chunk.start)
+        self.live.remove(chunk_id)
 
     def _list(self, command: str, args: list[str]) -> None:
         self._no_more(args, 0)
