@@ -179,8 +179,17 @@ def machine_args(board: BoardLike, ram_file: Path | None) -> list[str]:
 
 
 def kernel_cmdline(board: BoardLike, extra: Sequence[str] = ()) -> str:
-    """``console=... cma=0 cma_qemu.channel=NAME``: no kernel CMA area, the channel for init."""
-    parts = [f"console={console_device(board)}", "cma=0", f"cma_qemu.channel={board.channel.name}"]
+    """``console=... cma=0 panic=1 cma_qemu.channel=NAME``: no kernel CMA area, the channel.
+
+    ``panic=1``: a panicked guest reboots after a second instead of hanging, so QEMU reports
+    ``RESET`` and the agent releases the chunks the dead guest held (RELIABILITY.md).
+    """
+    parts = [
+        f"console={console_device(board)}",
+        "cma=0",
+        "panic=1",
+        f"cma_qemu.channel={board.channel.name}",
+    ]
     return " ".join([*parts, *extra])
 
 

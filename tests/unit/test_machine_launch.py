@@ -97,7 +97,9 @@ def test_virt_command_line(tmp_path: Path) -> None:
     assert opt_after(argv, "-kernel") == ["/k"]
     assert opt_after(argv, "-initrd") == ["/i"]
     assert opt_after(argv, "-dtb") == [str(f.dtb)]
-    assert opt_after(argv, "-append") == ["console=ttyAMA0 cma=0 cma_qemu.channel=org.cma.0 quiet"]
+    assert opt_after(argv, "-append") == [
+        "console=ttyAMA0 cma=0 panic=1 cma_qemu.channel=org.cma.0 quiet"
+    ]
 
 
 def test_smdkc210_command_line(tmp_path: Path) -> None:
@@ -107,7 +109,7 @@ def test_smdkc210_command_line(tmp_path: Path) -> None:
     assert "-cpu" not in argv and "-m" not in argv and "-object" not in argv
     assert opt_after(argv, "-serial") == ["chardev:console0", "chardev:cma0"]
     assert "-device" not in argv
-    assert "console=ttySAC0 cma=0 cma_qemu.channel=/dev/ttySAC1" in argv
+    assert "console=ttySAC0 cma=0 panic=1 cma_qemu.channel=/dev/ttySAC1" in argv
 
 
 def test_banks_sum_to_m_and_commas_are_escaped(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_console_and_cmdline() -> None:
     with pytest.raises(EINVAL):
         console_device(FakeBoard(machine_type="vexpress-a9"))
     assert kernel_cmdline(FakeBoard()).split() == [
-        "console=ttyAMA0", "cma=0", "cma_qemu.channel=org.cma.0"]  # fmt: skip
+        "console=ttyAMA0", "cma=0", "panic=1", "cma_qemu.channel=org.cma.0"]  # fmt: skip
 
 
 def test_real_board_files_build(tmp_path: Path) -> None:
