@@ -46,10 +46,13 @@ __all__ = [
     "AllocFailedEvent",
     "Chunk",
     "Cma",
+    "CmaChange",
     "CmaEvent",
     "CmaInfo",
     "FreeEvent",
+    "RefcountEvent",
     "RegionStats",
+    "SettingEvent",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,11 +102,19 @@ class RegionStats:
 
 @dataclass(frozen=True)
 class AllocEvent:
-    """A chunk was allocated."""
+    """A chunk was allocated.
+
+    ``alignment`` and ``regions`` say how it was asked for, so a recording can ask again:
+    the alignment the allocator got (at least a page), and the region list that was tried
+    (the map's or asterisk's list for ``alloc``, the given list for ``alloc_from``; empty
+    for ``alloc_from_region``).
+    """
 
     chunk: Chunk
     dev: str | None
     kind: str | None
+    alignment: int = PAGE_SIZE
+    regions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,7 +136,26 @@ class AllocFailedEvent:
     error: CmaError
 
 
+@dataclass(frozen=True)
+class RefcountEvent:
+    """``get`` or a ``put`` that did not free changed a chunk's reference count."""
+
+    chunk: Chunk
+
+
+@dataclass(frozen=True)
+class SettingEvent:
+    """A runtime setting changed: ``"map"``, ``"asterisk"`` (``value`` is the new text) or
+    ``"allocator"`` (``region`` asks for allocator ``value``; None: the default)."""
+
+    what: str
+    value: str | None
+    region: Region | None = None
+
+
 CmaEvent: TypeAlias = AllocEvent | FreeEvent | AllocFailedEvent
+#: Everything :meth:`Cma.subscribe_changes` sees: the events and the other state changes.
+CmaChange: TypeAlias = CmaEvent | RefcountEvent | SettingEvent
 
 _NO_REGIONS_INFO = CmaInfo(MAX_ADDRESS, 0, 0, 0, 0)
 
@@ -180,6 +210,7 @@ class Cma:
         self._map: Map | None = None
         self._asterisk: tuple[str, ...] | None = None
         self._listeners: list[Callable[[CmaEvent], None]] = []
+        self._change_listeners: list[Callable[[CmaChange], None]] = []
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -438,6 +469,7 @@ class Cma:
             region.allocator = None
             region.allocator_name = name
             region.attach_failed = False
+            self._emit_change(SettingEvent("allocator", name, region))
 
     def _attach(self, region: Region) -> bool:
         factory = self._registry.get(region.allocator_name)
@@ -471,12 +503,35 @@ class Cma:
 
         return unsubscribe
 
+    def subscribe_changes(self, callback: Callable[[CmaChange], None]) -> Callable[[], None]:
+        """Like :meth:`subscribe`, plus reference counts and runtime settings (a journal).
+
+        Called under the framework's lock, before the call that made the change returns.
+        Runtime complexity: O(1); each later change costs one call per subscriber.
+        """
+        self._change_listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._change_listeners:
+                self._change_listeners.remove(callback)
+
+        return unsubscribe
+
     def _emit(self, event: CmaEvent) -> None:
         for callback in list(self._listeners):
             try:
                 callback(event)
             except Exception:  # an observer must never break the allocator
                 log.exception("CMA event listener %r failed", callback)
+        if self._change_listeners:
+            self._emit_change(event)
+
+    def _emit_change(self, change: CmaChange) -> None:
+        for callback in list(self._change_listeners):
+            try:
+                callback(change)
+            except Exception:
+                log.exception("CMA change listener %r failed", callback)
 
     def _names_for(self, dev: str, kind: str) -> tuple[str, ...]:
         if not dev:
@@ -552,7 +607,7 @@ class Cma:
                 )
                 self._emit(AllocFailedEvent(None, None, (region.label,), size, alignment, error))
                 raise error
-            self._emit(AllocEvent(chunk, None, None))
+            self._emit(AllocEvent(chunk, None, None, align_r))
             return chunk
 
     def _alloc_first(
@@ -571,7 +626,7 @@ class Cma:
                 continue
             chunk = self._alloc_in(region, requested, size, alignment, owner)
             if chunk is not None:
-                self._emit(AllocEvent(chunk, dev, kind))
+                self._emit(AllocEvent(chunk, dev, kind, alignment, names))
                 return chunk
         where = ", ".join(names) if names else "an empty region list"
         error = ENOMEM(f"no room for {size:#x} bytes (alignment {alignment:#x}) in {where}")
@@ -620,6 +675,53 @@ class Cma:
         chunk.refcount = 0
         self._emit(FreeEvent(chunk))
 
+    def restore_chunk(
+        self,
+        start: int,
+        size: int,
+        requested: int,
+        *,
+        owner: str | None = None,
+        refcount: int = 1,
+    ) -> Chunk:
+        """Re-create a chunk that a guest still holds at a known place (a journal's restore).
+
+        The region's allocator marks exactly ``[start, start+size)`` used; EADDRINUSE, and no
+        change, if any of it is not free. No event is emitted: nothing new was allocated.
+
+        Runtime complexity: O(r + A) (find the region, one allocator reserve).
+        """
+        with self._lock:
+            if (
+                size <= 0
+                or size % PAGE_SIZE
+                or start % PAGE_SIZE
+                or not 0 < requested <= size
+                or refcount < 1
+            ):
+                raise EINVAL(
+                    f"cannot restore a chunk of {requested:#x} bytes in {size:#x}@{start:#x} "
+                    f"with refcount {refcount}"
+                )
+            region = next(
+                (r for r in self._regions if r.start <= start and start + size <= r.end), None
+            )
+            if region is None:
+                raise EINVAL(f"chunk {describe_range(start, size)} is not inside one region")
+            if region.allocator is None and (region.attach_failed or not self._attach(region)):
+                raise ENOENT(f"region {region.label} has no allocator to restore a chunk into")
+            assert region.allocator is not None
+            if not region.allocator.reserve(start, size):
+                raise EADDRINUSE(
+                    f"chunk {describe_range(start, size)} overlaps memory in use in region "
+                    f"{region.label}"
+                )
+            chunk = Chunk(start, size, requested, region, refcount=refcount, owner=owner)
+            self._chunks[start] = chunk
+            region.free_space -= size
+            region.users += 1
+            return chunk
+
     def get(self, addr: int) -> Chunk:
         """``cma_get``: take one more reference on the chunk starting at ``addr``.
 
@@ -628,6 +730,7 @@ class Cma:
         with self._lock:
             chunk = self._lookup(addr)
             chunk.refcount += 1
+            self._emit_change(RefcountEvent(chunk))
             return chunk
 
     def put(self, addr: int) -> bool:
@@ -639,6 +742,7 @@ class Cma:
             chunk = self._lookup(addr)
             chunk.refcount -= 1
             if chunk.refcount > 0:
+                self._emit_change(RefcountEvent(chunk))
                 return False
             self._release(chunk)
             return True
@@ -755,6 +859,7 @@ class Cma:
         new = parse_map(text)
         with self._lock:
             self._map = new
+            self._emit_change(SettingEvent("map", text))
 
     @property
     def asterisk(self) -> tuple[str, ...] | None:
@@ -775,3 +880,4 @@ class Cma:
         names = parse_asterisk(text)
         with self._lock:
             self._asterisk = names if names else None
+            self._emit_change(SettingEvent("asterisk", text))

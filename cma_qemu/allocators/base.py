@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
 
+from cma_qemu.errors import EOPNOTSUPP
+
 __all__ = ["Allocator"]
 
 
@@ -43,6 +45,15 @@ class Allocator(ABC):
     @abstractmethod
     def largest_free(self) -> int:
         """Size of the largest free block (``maxchunk`` in the stats)."""
+
+    def reserve(self, start: int, size: int) -> bool:
+        """Mark exactly ``[start, start+size)`` used if all of it is free; False (no change)
+        otherwise. The framework uses it to restore a journal's chunks at their old places.
+
+        Optional: an allocator without it raises EOPNOTSUPP, and its regions cannot be
+        restored.
+        """
+        raise EOPNOTSUPP(f"allocator {self.name} cannot reserve a given range", where=self.name)
 
     def cleanup(self) -> None:  # noqa: B027 - optional hook, like the C interface
         """Called when the region is unregistered; the region holds no chunks by then."""

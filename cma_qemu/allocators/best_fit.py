@@ -124,6 +124,27 @@ class BestFitAllocator(Allocator):
         hole_end[new_start] = new_end
         by_size.add((new_end - new_start) << _SHIFT | new_start)
 
+    def reserve(self, start: int, size: int) -> bool:
+        """Carve ``[start, start+size)`` out of the hole that holds all of it: O(log n)."""
+        end = start + size
+        if size <= 0 or start < self.start or end > self._end:
+            return False
+        hstart: int | None = next(self._by_start.irange(maximum=start, reverse=True), None)
+        if hstart is None:
+            return False
+        hend = self._hole_end[hstart]
+        if hend < end:
+            return False
+        self._by_size.remove((hend - hstart) << _SHIFT | hstart)
+        self._by_start.remove(hstart)
+        del self._hole_end[hstart]
+        for piece_start, piece_end in ((hstart, start), (end, hend)):
+            if piece_end > piece_start:
+                self._by_start.add(piece_start)
+                self._hole_end[piece_start] = piece_end
+                self._by_size.add((piece_end - piece_start) << _SHIFT | piece_start)
+        return True
+
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free blocks in address order; they are always maximal because free() merges.
 

@@ -103,6 +103,18 @@ class BitmapAllocator(Allocator):
             zeros = self._zeros[nr] = bytes(nr)
         bitmap[first : first + nr] = zeros
 
+    def reserve(self, start: int, size: int) -> bool:
+        """Set the pages of ``[start, start+size)`` if all are free: O(pages)."""
+        first, rest = divmod(start - self.start, PAGE_SIZE)
+        nr, partial = divmod(size, PAGE_SIZE)
+        if rest or partial or nr <= 0 or first < 0 or first + nr > self._pages:
+            return False
+        bitmap = self._map
+        if bitmap.find(_USED, first, first + nr) >= 0:
+            return False
+        bitmap[first : first + nr] = b"\1" * nr
+        return True
+
     def holes(self) -> Iterator[tuple[int, int]]:
         """Maximal runs of free pages in address order (a snapshot taken at the first next()).
 
