@@ -180,6 +180,11 @@ def load_board_file(path: Path) -> Board:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise EINVAL(f"not valid TOML: {error}", where=str(path)) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables
+        raise EINVAL("not valid TOML: nested too deeply", where=str(path)) from None
+    except ValueError as error:  # an integer longer than int()'s 4300-digit limit
+        reason = str(error).split(";")[0]  # (the rest names a Python setting)
+        raise EINVAL(f"not valid TOML: {reason}", where=str(path)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise EINVAL(f"cannot read: {error}", where=str(path)) from None
     reader.only(
