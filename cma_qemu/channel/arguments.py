@@ -32,7 +32,7 @@ class Arguments:
 
     def __init__(self, raw: Mapping[str, object]) -> None:
         self._raw = raw
-        self._read: list[str] = []
+        self._read: set[str] = set()  # a set: reading one argument twice counts it once
 
     def _get(self, name: str, required: bool) -> object:
         value = self._raw.get(name, _MISSING)
@@ -40,7 +40,7 @@ class Arguments:
             if required:
                 raise GenericError(f"missing argument '{name}'")
         else:
-            self._read.append(name)
+            self._read.add(name)
         return value
 
     def u64(self, name: str, default: int | None = None) -> int:
@@ -104,5 +104,5 @@ class Arguments:
     def done(self) -> None:
         """Reject any argument the handler did not read (call before changing state)."""
         if len(self._read) != len(self._raw):
-            extra = sorted(set(self._raw) - set(self._read))
+            extra = sorted(set(self._raw) - self._read)
             raise GenericError(f"unexpected argument {extra[0][:64]!r}")
