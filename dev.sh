@@ -102,6 +102,30 @@ setup() {
     setup_guest
 }
 
+# The package as a user gets it: build the sdist and the wheel from it, install the wheel and
+# pytest into a fresh venv outside the checkout, and use it from there (board files, replay,
+# guest build, and examples/own-project, whose test boots a guest with the plugin's fixtures).
+# A subshell, so its EXIT trap removes the scratch directory whatever fails.
+check_wheel() (
+    set -euo pipefail
+    out="$(mktemp -d /tmp/wheel-check.XXXXXX)"
+    trap 'rm -rf "$out"' EXIT
+    say "wheel: build, install outside the checkout, use it there"
+    "$VENV/bin/python" -m build --outdir "$out/dist" "$here" >"$out/build.log" 2>&1 ||
+        { cat "$out/build.log" >&2; exit 1; }
+    python3 -m venv "$out/venv"
+    "$out/venv/bin/python" -m pip install -q "$out"/dist/*.whl pytest
+    cp -r "$here/examples/own-project" "$out/project"
+    cd "$out/project"
+    export PATH="$out/venv/bin:$PATH"
+    cma-qemu boards >/dev/null
+    replayed="$(echo "a s3c-mfc5/a 1M" | cma-qemu replay - --board aquila)"
+    [ "$replayed" = "1: 0x100000@0x55f00000" ] ||
+        { echo "dev.sh: replay from the wheel printed: $replayed" >&2; exit 1; }
+    cma-qemu guest build
+    pytest -q -p no:cacheprovider
+)
+
 run_tests() {
     say "lint: ruff and mypy --strict"
     "$VENV/bin/ruff" check cma_qemu tests benchmarks
@@ -113,6 +137,9 @@ run_tests() {
     if [ "$status" -eq 5 ]; then
         echo "dev.sh: pytest collected no tests; that is a failure" >&2
         return 1
+    fi
+    if [ "$status" -eq 0 ]; then
+        check_wheel
     fi
     return "$status"
 }

@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from cma_qemu.attributes import parse_asterisk, parse_map, parse_memsize, parse_regions
 from cma_qemu.errors import EINVAL, ENOENT, AttributeSyntaxError
 from cma_qemu.regions import RamBank, RamLayout, ReservedRange
+from cma_qemu.shipped import shipped_dir
 
 __all__ = [
     "Board",
@@ -85,10 +86,14 @@ class Board:
 
 
 def board_dirs() -> list[Path]:
-    """Where boards are looked up: ``$CMA_QEMU_BOARDS`` (``:``-separated), then the shipped ones."""
+    """Where boards are looked up: ``$CMA_QEMU_BOARDS`` (``:``-separated), then the shipped ones.
+
+    The shipped board files are the package data of an installed wheel, or the checkout's
+    ``board_configs/`` in an editable install (:func:`cma_qemu.shipped.shipped_dir`).
+    """
     dirs = [Path(p) for p in os.environ.get("CMA_QEMU_BOARDS", "").split(os.pathsep) if p]
-    shipped = Path(__file__).resolve().parent.parent / "board_configs"
-    return [*dirs, shipped]
+    shipped = shipped_dir("boards")
+    return [*dirs, shipped] if shipped is not None else dirs
 
 
 def list_boards() -> list[Board]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT, CmaError
+from cma_qemu.shipped import shipped_dir
 
 __all__ = [
     "FLAVOURS",
@@ -112,13 +113,15 @@ def guest_source_dir() -> Path:
     """The ``guest/`` directory with ``cma-test.c`` and ``init`` (``$CMA_QEMU_GUEST_SRC`` wins)."""
     explicit = os.environ.get("CMA_QEMU_GUEST_SRC")
     candidates = [Path(explicit)] if explicit else []
-    candidates.append(Path(__file__).resolve().parents[2] / "guest")
+    shipped = shipped_dir("guest")  # the wheel's package data, or the checkout's guest/
+    if shipped is not None:
+        candidates.append(shipped)
     for cand in candidates:
         if (cand / "cma-test.c").is_file() and (cand / "init").is_file():
             return cand
     raise ENODEV(
-        "guest sources (cma-test.c, init) not found; set CMA_QEMU_GUEST_SRC to the guest/ "
-        "directory of a cma-qemu checkout",
+        "guest sources (cma-test.c, init) not found in the installed package; reinstall "
+        "cma-qemu or set CMA_QEMU_GUEST_SRC to the guest/ directory of a checkout",
         where="guest build",
     )
 
