@@ -140,7 +140,10 @@ class JsonSplitter:
     def _emit(self, out: list[bytes | Marker], tail: bytes) -> None:
         message = bytes(self._buffer) + tail
         self.reset()
-        if message.strip():
+        if len(message) > self.limit:
+            # Complete within one read, so the check at the end of feed() never saw it.
+            out.append(OVERSIZED)
+        elif message.strip():
             out.append(message)
 
     def feed(self, data: bytes) -> list[bytes | Marker]:
