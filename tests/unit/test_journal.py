@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
 from cma_qemu.allocators.bitmap import BitmapAllocator
-from cma_qemu.errors import EADDRINUSE, EINVAL
+from cma_qemu.errors import EADDRINUSE, EINVAL, EIO, ENOMEM
 from cma_qemu.framework import Cma, CmaChange, RefcountEvent, SettingEvent
+from cma_qemu.journal import (
+    JOURNAL_NAME,
+    Journal,
+    JournalIdentity,
+    RestoreReport,
+    read_journal,
+)
 
 K = 1 << 10
 M = 1 << 20
@@ -120,3 +132,188 @@ def test_subscribe_changes_sees_refcounts_and_settings() -> None:
     unsubscribe()
     cma.alloc("d", "", P)
     assert len(seen) == 7
+
+
+# ------------------------------------------------------------------------------ journal
+QEMU = "1:42"
+
+
+def identity(cma: Cma, board: str = "test") -> JournalIdentity:
+    return JournalIdentity.of(board, "a=1M;b=1M", cma, None)
+
+
+def state_of(cma: Cma) -> list[tuple[int, int, int, int, str | None]]:
+    return [(c.start, c.size, c.requested, c.refcount, c.owner) for c in cma.chunks]
+
+
+def open_journal(cma: Cma, path: Path, **kwargs: Any) -> tuple[Journal, RestoreReport]:
+    return Journal.open(cma, path, identity(cma), QEMU, **kwargs)
+
+
+def test_a_new_agent_gets_back_every_chunk_and_setting(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first = make()
+    journal, report = open_journal(first, path)
+    assert report.fresh and report.describe() == f"new journal {path}"
+    held = [first.alloc("d", "", (i + 1) * 3 * K, owner=f"guest:{i % 2}") for i in range(6)]
+    first.free(held[2].start)
+    first.get(held[0].start)
+    first.get(held[0].start)
+    first.put(held[0].start)
+    first.set_asterisk("b,a")
+    first.set_map("x/*=b")
+    # No close(): the agent died. What it wrote is in the file already.
+    second = make()
+    journal2, report = open_journal(second, path)
+    assert (report.fresh, report.stale, report.truncated, report.restored) == (
+        False,
+        False,
+        False,
+        5,
+    )
+    assert state_of(second) == state_of(first)
+    assert (second.map_text, second.asterisk_text) == (first.map_text, first.asterisk_text)
+    for region, before in zip(second.regions, first.regions, strict=True):
+        assert (region.free_space, region.users) == (before.free_space, before.users)
+    fresh = [second.alloc("x", "", 8 * K, owner="guest:0") for _ in range(10)]
+    old = {(c.start, c.end) for c in second.chunks if c not in fresh}
+    assert all(f.end <= s or e <= f.start for f in fresh for s, e in old)
+    second.free(held[1].start)  # the guest frees an old chunk
+    assert second.put(held[0].start) is False and second.put(held[0].start) is True
+    journal.close()
+    journal2.close()
+    third = make()
+    open_journal(third, path)[0].close()
+    assert state_of(third) == state_of(second)
+
+
+def test_a_record_cut_short_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first = make()
+    journal, _ = open_journal(first, path)
+    kept = first.alloc("d", "", 8 * K, owner="guest:g")
+    journal.close()
+    whole = state_of(first)
+    with path.open("a") as out:
+        out.write(f"a {kept.start + 0x10000:x} 2000 2000 1")  # the agent died mid-write
+    second = make()
+    journal2, report = open_journal(second, path)
+    assert report.truncated and report.restored == 1
+    assert "cut short" in report.describe()
+    assert state_of(second) == whole
+    journal2.close()
+    assert path.read_text().endswith("\n")  # rewritten whole on open
+
+
+def test_another_board_or_attributes_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first = make()
+    open_journal(first, path)[0].close()
+    first.alloc("d", "", P)
+    before = path.read_bytes()
+    other = make()
+    with pytest.raises(EINVAL) as error:
+        Journal.open(other, path, identity(other, board="goni"), QEMU)
+    message = f"{error.value.errno_name}: {error.value}"
+    assert "\n" not in message
+    assert message.startswith(f"EINVAL: journal {path}: it is for another board")
+    assert "board 'test' in the journal, 'goni' here" in message
+    bitmap = make("bitmap")
+    with pytest.raises(EINVAL, match=r"layout|allocator|regions"):
+        Journal.open(bitmap, path, JournalIdentity.of("test", "a=1M", bitmap, None), QEMU)
+    assert path.read_bytes() == before and other.chunks == []
+
+
+def test_a_journal_of_an_earlier_qemu_starts_afresh(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first = make()
+    open_journal(first, path)
+    first.alloc("d", "", P, owner="guest:g")
+    second = make()
+    journal, report = Journal.open(second, path, identity(second), "1:43")
+    assert report.stale and "earlier QEMU" in report.describe() and second.chunks == []
+    journal.close()
+    assert read_journal(path).chunks == {}
+
+
+def test_not_a_journal_and_a_bad_middle_record_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    path.write_text("hello\n")
+    with pytest.raises(EINVAL, match="not a cma-qemu journal"):
+        read_journal(path)
+    path.unlink()
+    first = make()
+    open_journal(first, path)[0].close()
+    with path.open("a") as out:
+        out.write("z nonsense\nf 1000\n")
+    with pytest.raises(EIO, match="line 2: bad record 'z nonsense': unknown record"):
+        open_journal(make(), path)
+
+
+def test_compaction_keeps_the_file_proportional_to_the_state(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    cma = make()
+    journal, _ = open_journal(cma, path, compact_at=64)
+    keep = [cma.alloc("d", "", P, owner="guest:g") for _ in range(5)]
+    for _ in range(500):
+        cma.free(cma.alloc("d", "", 2 * P).start)
+    assert journal.compactions > 5
+    assert len(path.read_text().splitlines()) <= 64 + 2
+    again = make()
+    open_journal(again, path)
+    assert state_of(again) == state_of(cma) and len(keep) == 5
+    assert not path.with_name(path.name + ".new").exists()
+
+
+def test_allocator_choices_come_back(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    cma = make()
+    open_journal(cma, path)
+    b = cma.region("b")
+    assert b is not None
+    cma.set_region_allocator(b, "bitmap")
+    chunk = cma.alloc_from("b", 3 * P, owner="guest:g")
+    again = make()
+    open_journal(again, path)
+    b2 = again.region("b")
+    assert b2 is not None and b2.allocator_name == "bitmap" and b2.attached == "bitmap"
+    assert again.chunk(chunk.start).region is b2
+
+
+def test_a_chunk_that_no_longer_fits_restores_nothing(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    cma = make()
+    open_journal(cma, path)
+    a = cma.alloc("d", "", 2 * P, owner="g")
+    with path.open("a") as out:  # a record inside a: a journal written by a bug
+        out.write(f'a {a.start + P:x} 1000 1000 1 "g"\n')
+    again = make()
+    with pytest.raises(EADDRINUSE, match="cannot restore"):
+        open_journal(again, path)
+    assert again.chunks == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["alloc", "free", "get", "put"]), st.integers(0, 50)),
+        max_size=60,
+    )
+)
+def test_any_history_restores_to_the_same_state(ops: list[tuple[str, int]]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / JOURNAL_NAME
+        cma = make()
+        journal, _ = open_journal(cma, path, compact_at=8)
+        for op, n in ops:
+            live = cma.chunks
+            if op == "alloc":
+                with contextlib.suppress(ENOMEM):
+                    cma.alloc("d", "", (n + 1) * K, owner=f"o{n % 3}")
+            elif live:
+                chunk = live[n % len(live)]
+                getattr(cma, op)(chunk.start)
+        again = make()
+        open_journal(again, path)[0].close()
+        journal.close()
+        assert state_of(again) == state_of(cma)
