@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from cma_qemu.attributes import PAGE_SIZE
-from cma_qemu.errors import ENOMEM, CmaError, error_class
+from cma_qemu.errors import EBUSY, ENOENT, ENOMEM, CmaError, error_class
 from cma_qemu.framework import (
     AllocEvent,
     AllocFailedEvent,
@@ -35,7 +35,7 @@ from cma_qemu.framework import (
 )
 from cma_qemu.script import MAX_LINE, MAX_NAME, LiveChunks
 
-__all__ = ["Recorder", "RecordingHeader", "os_error"]
+__all__ = ["Recorder", "RecordingHeader", "RecordingSwitch", "os_error"]
 
 _BAD_NAME_CHARS: Final = frozenset(" \t\n\r\0")
 
@@ -227,3 +227,38 @@ class Recorder:
             self._line(f"# failed: {event.error.errno_name}: {event.error}")
         else:
             self._line(request)
+
+
+class RecordingSwitch:
+    """At most one recording at a time, started and stopped by path (``--record`` and the
+    monitor's ``cma-record-start``/``cma-record-stop``).
+
+    ``header`` is called at each start, so a recording started after a runtime map change
+    notes the map in force.
+    """
+
+    def __init__(self, cma: Cma, header: Callable[[], RecordingHeader]) -> None:
+        self.cma = cma
+        self.header = header
+        self.recorder: Recorder | None = None
+
+    def start(self, path: str | Path) -> dict[str, object]:
+        """Start recording to ``path`` (EBUSY while a recording runs)."""
+        if self.recorder is not None:
+            raise EBUSY(f"already recording to {self.recorder.path}", where="record")
+        self.recorder = Recorder(self.cma, path, self.header())
+        return self.recorder.summary()
+
+    def stop(self) -> dict[str, object]:
+        """Stop the recording (ENOENT if there is none); what it holds."""
+        recorder = self.recorder
+        if recorder is None:
+            raise ENOENT("not recording", where="record")
+        self.recorder = None
+        recorder.close()
+        return recorder.summary()
+
+    def close(self) -> None:
+        """Stop a running recording, if any (idempotent)."""
+        if self.recorder is not None:
+            self.stop()

@@ -25,6 +25,8 @@ __all__ = [
     "MONITOR_OWNER",
     "MemoryReader",
     "MonitorCommands",
+    "RecordStart",
+    "RecordStop",
     "chunk_detail",
     "region_json",
 ]
@@ -41,6 +43,11 @@ MONITOR_OWNER: Final = "monitor"
 MemoryReader: TypeAlias = Callable[[int, int], Awaitable[bytes]]
 
 _Handler: TypeAlias = Callable[[Arguments], object]
+
+#: Starts recording to a path, and stops it; each returns what the reply reports. The agent
+#: provides them (the monitor knows no board or attributes to put in a recording's header).
+RecordStart: TypeAlias = Callable[[str], dict[str, object]]
+RecordStop: TypeAlias = Callable[[], dict[str, object]]
 
 
 def region_json(region: Region, holes: bool) -> dict[str, object]:
@@ -75,6 +82,8 @@ class MonitorCommands:
     def __init__(self, cma: Cma, read_memory: MemoryReader | None = None) -> None:
         self.cma = cma
         self.read_memory = read_memory
+        self.record_start: RecordStart | None = None
+        self.record_stop: RecordStop | None = None
         self.table: dict[str, _Handler] = {
             "query-commands": self.query_commands,
             "query-cma-regions": self.query_regions,
@@ -91,6 +100,8 @@ class MonitorCommands:
             "cma-read": self.read,
             "query-cma-allocators": self.query_allocators,
             "cma-allocator-register": self.allocator_register,
+            "cma-record-start": self.start_recording,
+            "cma-record-stop": self.stop_recording,
         }
 
     def names(self) -> list[str]:
@@ -196,6 +207,21 @@ class MonitorCommands:
             "name": cls.name,
             "regions": [r.name for r in self.cma.regions if r.attached == cls.name],
         }
+
+    def start_recording(self, args: Arguments) -> object:
+        """Record every allocation and free from now on to ``path`` (docs/line-format.md)."""
+        path = args.string("path")
+        args.done()
+        if self.record_start is None:
+            raise EOPNOTSUPP("this monitor has no recorder attached")
+        return self.record_start(path)
+
+    def stop_recording(self, args: Arguments) -> object:
+        """Stop the recording; the reply says what it holds."""
+        args.done()
+        if self.record_stop is None:
+            raise EOPNOTSUPP("this monitor has no recorder attached")
+        return self.record_stop()
 
     def free(self, args: Arguments) -> object:
         """Free any chunk, whoever owns it: the operator's override."""

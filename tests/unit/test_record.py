@@ -6,16 +6,19 @@ import io
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.boards import load_board
 from cma_qemu.cli import main
 from cma_qemu.errors import ENOENT
 from cma_qemu.framework import Cma
-from cma_qemu.record import Recorder, RecordingHeader
+from cma_qemu.monitor import Monitor
+from cma_qemu.record import Recorder, RecordingHeader, RecordingSwitch
 from cma_qemu.replay import build_cma, replay
 from cma_qemu.script import FrameworkBackend, ScriptRunner
 
@@ -165,3 +168,43 @@ def test_any_session_replays_byte_for_byte(tmp_path: Path, ops: list[tuple[str, 
     again_out, again_err = replay_file(recording)
     assert again_out == out
     assert [ln.partition(": ")[2] for ln in again_err.splitlines()] == expected_errors
+
+
+# ------------------------------------------------------------------------------ monitor
+async def test_monitor_starts_and_stops_a_recording(tmp_path: Path) -> None:
+    cma = build_cma(board=BOARD)
+    switch = RecordingSwitch(cma, lambda: header(cma))
+    monitor = Monitor(cma)
+    sock = tmp_path / "run" / "monitor.sock"
+    await monitor.start(sock)
+    qmp = QMPClient("test")
+    await qmp.connect(str(sock))
+    try:
+        with pytest.raises(ExecuteError, match="no recorder attached"):
+            await qmp.execute("cma-record-start", {"path": str(tmp_path / "x")})
+        monitor.commands.record_start = switch.start
+        monitor.commands.record_stop = switch.stop
+        with pytest.raises(ExecuteError) as not_recording:
+            await qmp.execute("cma-record-stop")
+        assert not_recording.value.error_class == "ENOENT"
+        path = tmp_path / "rec.cma"
+        started: Any = await qmp.execute("cma-record-start", {"path": str(path)})
+        assert started == {"path": str(path), "allocations": 0, "frees": 0, "live": 0}
+        with pytest.raises(ExecuteError) as busy:
+            await qmp.execute("cma-record-start", {"path": str(tmp_path / "other")})
+        assert busy.value.error_class == "EBUSY"
+        chunk: Any = await qmp.execute("cma-alloc", {"dev": "vpu", "kind": "dec", "size": 5000})
+        await qmp.execute("cma-alloc-from", {"regions": "common", "size": 8192})
+        await qmp.execute("cma-free", {"addr": chunk["addr"]})
+        stopped: Any = await qmp.execute("cma-record-stop")
+        assert stopped == {"path": str(path), "allocations": 2, "frees": 1, "live": 1}
+        body = [ln for ln in path.read_text().splitlines() if not ln.startswith("#")]
+        assert body == ["alloc vpu/dec 0x1388", "alloc-from common 0x2000", "free 1"]
+        with pytest.raises(ExecuteError) as unwritable:
+            await qmp.execute("cma-record-start", {"path": str(tmp_path / "no" / "such")})
+        assert unwritable.value.error_class == "ENOENT"
+        assert switch.recorder is None
+    finally:
+        await qmp.disconnect()
+        await monitor.close()
+        switch.close()
