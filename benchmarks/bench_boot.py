@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from cma_qemu.boards import load_board
-    from cma_qemu.machine.guest_image import find_guest
+    from cma_qemu.guest_image import find_guest
 
     board = load_board(args.board)
     image = find_guest(board.kernel_flavour)

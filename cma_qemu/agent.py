@@ -25,8 +25,8 @@ from cma_qemu.boards import Board
 from cma_qemu.channel import ChannelServer, FifoGate
 from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
+from cma_qemu.guest_image import build_guest, find_guest
 from cma_qemu.machine.console import Console
-from cma_qemu.machine.guest_image import build_guest, find_guest
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
 from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, uart_rx_level

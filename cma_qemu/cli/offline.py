@@ -152,7 +152,7 @@ def _print_comparison(runs: Sequence[ReplayResult]) -> None:
 
 # ---------------------------------------------------------------------------- guest build
 def cmd_guest_build(args: argparse.Namespace) -> int:
-    from cma_qemu.machine.guest_image import FLAVOURS, build_guest, default_cache_dir
+    from cma_qemu.guest_image import FLAVOURS, build_guest, default_cache_dir
 
     wanted = args.flavour or sorted(FLAVOURS)
     console = Console(stderr=True, highlight=False)

@@ -485,7 +485,7 @@ class Machine:
 
         image = self._image
         if image is None:
-            from cma_qemu.machine.guest_image import find_guest
+            from cma_qemu.guest_image import find_guest
 
             image = self._image = find_guest(board.kernel_flavour)
         for p in (image.kernel, image.initrd):

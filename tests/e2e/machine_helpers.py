@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cma_qemu.boards import Board, load_board
 from cma_qemu.errors import ENODEV
-from cma_qemu.machine.guest_image import GuestImage, build_guest, find_guest
+from cma_qemu.guest_image import GuestImage, build_guest, find_guest
 
 
 def board(name: str) -> Board:

@@ -30,8 +30,8 @@ from qemu.qmp import QMPClient
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.channel import ChannelServer
+from cma_qemu.guest_image import find_guest
 from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
-from cma_qemu.machine.guest_image import find_guest
 from cma_qemu.machine.launch import LaunchFiles, machine_args, qemu_command
 from cma_qemu.replay import build_cma
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from cma_qemu.machine.guest_image import build_guest
+from cma_qemu.guest_image import build_guest
 
 pytestmark = pytest.mark.e2e
 

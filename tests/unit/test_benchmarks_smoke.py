@@ -50,7 +50,7 @@ def test_spread_reports_range_and_half_width_of_the_median(boot: ModuleType) -> 
 
 def test_plain_argv_is_the_agent_command_without_the_patched_dtb(boot: ModuleType) -> None:
     from cma_qemu.boards import load_board
-    from cma_qemu.machine.guest_image import GuestImage
+    from cma_qemu.guest_image import GuestImage
 
     board = load_board("virt")
     image = GuestImage("armmp-lpae", Path("/k"), Path("/i"), None)

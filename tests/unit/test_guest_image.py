@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cma_qemu import guest_image as gi
 from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT
-from cma_qemu.machine import guest_image as gi
+from cma_qemu.guest_image import build
+from cma_qemu.guest_image import host as host_tools
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = REPO / "guest" / "cma-test.c"
@@ -84,7 +86,7 @@ def test_resolve_packages_one_apt_call(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(list(argv))
         return _completed(argv, META_SHOW)
 
-    monkeypatch.setattr(gi, "_run", run)
+    monkeypatch.setattr(host_tools, "run", run)
     kernel, busybox = gi.resolve_packages("armmp-lpae")
     assert (kernel.name, kernel.version) == ("linux-image-6.1.0-50-armmp-lpae", "6.1.176-1")
     assert busybox.version == "1:1.35.0-4+deb12u1+b1"
@@ -102,7 +104,9 @@ def test_resolve_packages_one_apt_call(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     only_busybox = META_SHOW.split("\n\n", 1)[1]
-    monkeypatch.setattr(gi, "_run", lambda argv, cwd=None: _completed(argv, only_busybox, 100))
+    monkeypatch.setattr(
+        host_tools, "run", lambda argv, cwd=None: _completed(argv, only_busybox, 100)
+    )
     with pytest.raises(ENOENT) as info:
         gi.resolve_packages("armmp-lpae")
     assert "linux-image-armmp-lpae:armhf is not available" in str(info.value)
@@ -114,25 +118,25 @@ def test_missing_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_tools_and_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        gi, "_which", lambda name: None if name == "apt-get" else f"/usr/bin/{name}"
+        host_tools, "which", lambda name: None if name == "apt-get" else f"/usr/bin/{name}"
     )
     with pytest.raises(ENODEV, match="apt-get not found"):
         gi.check_host()
 
-    monkeypatch.setattr(gi, "_which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(gi, "_run", lambda argv, cwd=None: _completed(argv, "i386\n"))
+    monkeypatch.setattr(host_tools, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(host_tools, "run", lambda argv, cwd=None: _completed(argv, "i386\n"))
     with pytest.raises(ENODEV) as info:
         gi.check_host()
     assert "dpkg --add-architecture armhf && sudo apt-get update" in str(info.value)
 
-    monkeypatch.setattr(gi, "_run", lambda argv, cwd=None: _completed(argv, "i386\narmhf\n"))
+    monkeypatch.setattr(host_tools, "run", lambda argv, cwd=None: _completed(argv, "i386\narmhf\n"))
     gi.check_host()
 
 
 def test_missing_cross_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(gi, "_which", lambda name: None)
+    monkeypatch.setattr(host_tools, "which", lambda name: None)
     with pytest.raises(ENODEV) as info:
-        gi._build_stub(STUB.parent, tmp_path, lambda _m: None)
+        build._build_stub(STUB.parent, tmp_path, lambda _m: None)
     assert "apt-get install gcc-arm-linux-gnueabihf libc6-dev-armhf-cross" in str(info.value)
 
 
@@ -314,8 +318,8 @@ def fake_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[FakeHos
     (src / "cma-test.c").write_text("int main(void) { return 0; }\n")
     (src / "init").write_text("#!/bin/sh\n")
     monkeypatch.setenv("CMA_QEMU_GUEST_SRC", str(src))
-    monkeypatch.setattr(gi, "_run", host.run)
-    monkeypatch.setattr(gi, "_which", host.which)
+    monkeypatch.setattr(host_tools, "run", host.run)
+    monkeypatch.setattr(host_tools, "which", host.which)
     return host, src, tmp_path / "cache"
 
 
@@ -372,7 +376,7 @@ def test_build_reports_compiler_errors(
             return subprocess.CompletedProcess(list(argv), 1, "", "ld: cannot find -lc\n")
         return real(argv, cwd=cwd)
 
-    monkeypatch.setattr(gi, "_run", run)
+    monkeypatch.setattr(host_tools, "run", run)
     with pytest.raises(EIO) as info:
         gi.build_guest("armmp-lpae", cache)
     assert "libc6-dev-armhf-cross" in str(info.value)

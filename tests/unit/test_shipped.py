@@ -9,7 +9,7 @@ import pytest
 import cma_qemu
 from cma_qemu import shipped
 from cma_qemu.boards import board_dirs
-from cma_qemu.machine.guest_image import guest_source_dir
+from cma_qemu.guest_image import guest_source_dir
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(cma_qemu.__file__).resolve().parent
