@@ -4,6 +4,7 @@
 #   ./dev.sh demo     install what is missing, build the guest, run `cma-qemu demo` on virt
 #   ./dev.sh test     install what is missing, build the guest, run lint and the whole suite
 #   ./dev.sh setup    only the installation (apt packages, .venv, guest images)
+#   ./dev.sh fuzz     install like setup, then the fuzz targets at 100,000 cases each
 #
 # Idempotent: every step checks first and does nothing when it is already done.
 set -euo pipefail
@@ -144,9 +145,19 @@ run_tests() {
     return "$status"
 }
 
+# The fuzz targets of tests/fuzz under the long profile (tests/fuzz/conftest.py); pytest
+# arguments pass through (e.g. `./dev.sh fuzz tests/fuzz/test_fuzz_boards.py`). Set
+# CMA_QEMU_FUZZ_PROGRESS=DIR to have each target note its case count there as it runs.
+run_fuzz() {
+    [ "$#" -gt 0 ] || set -- tests/fuzz
+    CMA_QEMU_FUZZ_PROFILE=fuzz "$VENV/bin/pytest" -p no:cacheprovider \
+        --hypothesis-show-statistics --durations=0 "$@"
+}
+
 case "${1:-}" in
     setup) setup ;;
     demo) shift; setup; exec "$VENV/bin/cma-qemu" demo "$@" ;;
     test) shift; setup; run_tests "$@" ;;
-    *) echo "usage: ./dev.sh {demo|test|setup}" >&2; exit 2 ;;
+    fuzz) shift; setup; run_fuzz "$@" ;;
+    *) echo "usage: ./dev.sh {demo|test|setup|fuzz}" >&2; exit 2 ;;
 esac

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -13,16 +17,58 @@ from hypothesis import settings
 
 from cma_qemu.errors import CmaError, error_class
 
-__all__ = ["PROFILE", "HangError", "check_error", "fuzz", "no_hang"]
+__all__ = ["PROFILE", "HangError", "check_error", "count_case", "fuzz", "no_hang"]
 
 #: ``fuzz-quick`` (the default test run) or ``fuzz`` (``./dev.sh fuzz``: 100,000 cases).
 PROFILE = os.environ.get("CMA_QEMU_FUZZ_PROFILE", "fuzz-quick")
+#: A directory where long runs leave one ``TARGET.progress`` line per target (cases run and
+#: seconds so far), so a run stopped early still says how far it got.
+PROGRESS = os.environ.get("CMA_QEMU_FUZZ_PROGRESS")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_counts: dict[str, list[float]] = {}
+
+
+def count_case(target: str) -> None:
+    """Count one case of ``target``; with ``CMA_QEMU_FUZZ_PROGRESS`` set, note it every 10 s."""
+    if PROGRESS is None:
+        return
+    now = time.monotonic()
+    entry = _counts.setdefault(target, [0, now, now, now])  # cases, first, last, written
+    entry[0] += 1
+    entry[2] = now
+    if now - entry[3] >= 10:
+        entry[3] = now
+        _write_progress(target)
+
+
+def _write_progress(target: str) -> None:
+    cases, first, last, _ = _counts[target]
+    line = f"{target} cases={int(cases)} seconds={last - first:.0f}\n"
+    Path(str(PROGRESS), f"{target}.progress").write_text(line)
+
+
+@atexit.register
+def _write_all_progress() -> None:
+    for target in _counts:
+        _write_progress(target)
 
 
 def fuzz(test: _F) -> _F:
-    """Apply the selected profile to one target (profiles are registered in conftest.py)."""
+    """Apply the selected profile to one ``@given`` target and count its cases.
+
+    (Profiles are registered in conftest.py; ``hypothesis.inner_test`` is the function
+    Hypothesis calls once per case, so the counter wraps that.)
+    """
+    target = test.__name__
+    inner = test.hypothesis.inner_test  # type: ignore[attr-defined]
+
+    @functools.wraps(inner)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count_case(target)
+        return inner(*args, **kwargs)
+
+    test.hypothesis.inner_test = counted  # type: ignore[attr-defined]
     return settings(settings.get_profile(PROFILE))(test)
 
 
