@@ -77,12 +77,15 @@ class HangError(AssertionError):
 
 
 @contextlib.contextmanager
-def no_hang(seconds: float = 10.0) -> Iterator[None]:
+def no_hang(seconds: float | None = None) -> Iterator[None]:
     """Fail the example if the block has not finished after ``seconds`` (SIGALRM).
 
     Hypothesis' deadline only measures an example that ends; this one interrupts one that
-    never would. Main thread only, which is where pytest runs tests.
+    never would. Main thread only, which is where pytest runs tests. The default is 10 s, or
+    60 s in the long profile, whose runs are niced and may be starved of CPU for a while.
     """
+    if seconds is None:
+        seconds = 60.0 if PROFILE == "fuzz" else 10.0
 
     def expire(signum: int, frame: FrameType | None) -> None:
         raise HangError(f"no answer after {seconds} s")
