@@ -1,7 +1,7 @@
 """The device tree the guest boots with: QEMU's own tree, plus one ``/reserved-memory`` child
 per early CMA region.
 
-Design choices (see design.md, "Early regions in guest RAM"):
+Design choices (docs/design.md's "Device tree" decision, in more detail):
 
 * ``#address-cells``/``#size-cells`` of ``/reserved-memory`` copy the root's. Linux 6.1's
   ``__reserved_mem_check_root()`` ignores the whole node unless both match the root and
@@ -13,9 +13,15 @@ Design choices (see design.md, "Early regions in guest RAM"):
   driver under test can bind a range with ``memory-region = <&...>``. The pool is only
   instantiated for a device that references it, so unreferenced nodes stay plain holes. Pass
   ``compatible=None`` to leave the nodes bare.
-* Node names are ``NAME@HEXSTART`` (private/unnamed regions: ``cma@HEXSTART``), with characters
-  a node name cannot hold replaced by ``-``; the original name also goes in a
-  ``cma-qemu,name`` string so the guest can map nodes back to regions exactly.
+* The node name carries the region's name, and nothing else does: the reserved-memory binding
+  (dtschema's ``shared-dma-pool.yaml``) allows no extra properties. Names are
+  ``NAME@HEXSTART`` (unnamed regions: ``cma@HEXSTART``). A node name holds only
+  ``[A-Za-z0-9,._+-]`` and starts with a letter or digit; every other character of a region
+  name (UTF-8 byte by byte) is written ``,XX`` in hex. Region names never contain ``,`` (it
+  separates names in the map), so :func:`region_name` decodes a node name exactly; a name that
+  does not start with a letter or digit gets the leader ``cma,,`` (``_x`` is ``cma,,_x``).
+  The result may be at most 64 characters (dtschema's limit); a longer one is EINVAL, not a
+  truncated name that could clash.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "drop_uart_dma",
     "dump_qemu_dtb",
     "node_name",
+    "region_name",
     "reserved_memory_nodes",
 ]
 
@@ -45,13 +52,59 @@ RESERVED_MEMORY = "/reserved-memory"
 #: Reservations as the region layer hands them over: (name or None, start, size).
 Reservation = tuple[str | None, int, int]
 
-_BAD_NODE_CHARS = re.compile(r"[^A-Za-z0-9,._+-]")
+#: Characters a region name keeps in its node name (besides letters and digits, which may
+#: also start it).
+_NODE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+#: The longest node name before ``@`` that dtschema's dt-core.yaml accepts.
+MAX_NODE_NAME = 64
+#: The node name of a region without a name.
+UNNAMED = "cma"
+_ESCAPE = re.compile(r"((?:,[0-9a-f]{2})+)")
+
+
+#: Starts the node name of a region whose name does not start with a letter or digit (a node
+#: name must); ``,,`` never occurs in an escaped name, so it cannot be mistaken for one.
+_LEADER = f"{UNNAMED},,"
+
+
+def _escape(name: str) -> str:
+    out = [] if name[:1].isascii() and name[:1].isalnum() else [_LEADER]
+    for ch in name:
+        if ch in _NODE_CHARS:
+            out.append(ch)
+        else:
+            out.extend(f",{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
 
 
 def node_name(name: str | None, start: int) -> str:
-    """``NAME@HEXSTART`` (``cma@HEXSTART`` for unnamed regions), a valid DT node name."""
-    base = _BAD_NODE_CHARS.sub("-", name) if name else "cma"
-    return f"{base[:31]}@{start:x}"
+    """``NAME@HEXSTART`` (``cma@HEXSTART`` for unnamed regions), a valid DT node name.
+
+    Characters a node name cannot hold are written ``,XX`` per UTF-8 byte (see the module
+    doc); EINVAL if the result is longer than dtschema allows. O(len(name)).
+    """
+    base = _escape(name) if name else UNNAMED
+    if len(base) > MAX_NODE_NAME:
+        raise EINVAL(
+            f"region name {name!r} needs {len(base)} characters as a device-tree node name "
+            f"(at most {MAX_NODE_NAME})",
+            where="device tree",
+        )
+    return f"{base}@{start:x}"
+
+
+def region_name(node: str) -> str:
+    """The region name a :func:`node_name` node carries (``cma`` for an unnamed region).
+
+    The inverse of :func:`node_name` for named regions; the unit address is dropped.
+    """
+    base = node.partition("@")[0].removeprefix(_LEADER)
+
+    def unescape(match: re.Match[str]) -> str:
+        raw = bytes(int(part, 16) for part in match.group(1).split(",")[1:])
+        return raw.decode("utf-8", "surrogatepass")
+
+    return _ESCAPE.sub(unescape, base)
 
 
 def dump_qemu_dtb(
@@ -157,8 +210,6 @@ def add_reserved_memory(
             )
         )
         child.append(fdt.Property("no-map"))
-        if name:
-            child.append(fdt.PropStrings("cma-qemu,name", name))
         rmem.append(child)
         taken.append((child.name, start, size))
     out: bytes = tree.to_dtb(version=17)

@@ -2,7 +2,8 @@
 
 A DTB node the kernel did not like is not an error at boot: the kernel logs a line and uses the
 range as ordinary RAM, and the agent would then hand out memory the guest kernel also uses.
-So after boot the agent reads ``dmesg`` and ``/proc/iomem`` over the console:
+So after boot the agent reads ``dmesg``, ``/proc/iomem`` and the node names under
+``/proc/device-tree/reserved-memory`` over the console:
 
 * any "failed to reserve memory", "unsupported node format" or "OVERLAP DETECTED" line from the
   reserved-memory code is an error;
@@ -10,7 +11,11 @@ So after boot the agent reads ``dmesg`` and ``/proc/iomem`` over the console:
   entry instead), so any reservation that still overlaps a "System RAM" entry is an error;
 * "Reserved memory: created DMA memory pool at ..." lines (nodes with the default
   ``shared-dma-pool`` compatible) are parsed; a pool at a reservation's base must have its
-  size (the kernel prints whole MiB).
+  size (the kernel prints whole MiB);
+* each reservation has its node, named as :func:`~cma_qemu.machine.devicetree.node_name`
+  names it (the node name is what carries the region's name into the guest), in the guest's
+  live tree, and when the kernel logs "initialized node NAME" for a pool at a reservation's
+  base, NAME is that node.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cma_qemu.errors import EADDRINUSE, EIO
+from cma_qemu.machine.devicetree import node_name
 
 __all__ = [
+    "RESERVED_MEMORY_DIR",
     "IomemEntry",
     "ReservedMemoryLog",
     "parse_iomem",
@@ -30,6 +37,10 @@ __all__ = [
     "system_ram",
     "verify_reservations",
 ]
+
+
+#: Where the guest's live device tree shows the ``/reserved-memory`` children.
+RESERVED_MEMORY_DIR = "/proc/device-tree/reserved-memory"
 
 
 class ConsoleLike(Protocol):
@@ -80,8 +91,9 @@ class ReservedMemoryLog:
     errors: tuple[str, ...]
     #: (base, size in bytes) from "created DMA memory pool at BASE, size N MiB"
     pools: tuple[tuple[int, int], ...]
-    #: node names from "OF: reserved mem: initialized node NAME, compatible id ..."
-    initialized: tuple[str, ...]
+    #: (node name, base or None) from "OF: reserved mem: initialized node NAME, compatible id
+    #: ..." (the base of the pool created just before it, if any)
+    initialized: tuple[tuple[str, int | None], ...]
 
 
 _RMEM_ERROR = re.compile(
@@ -93,21 +105,26 @@ _RMEM_POOL = re.compile(
     r"Reserved memory: created (?:DMA|CMA) memory pool at (?P<base>0x[0-9a-fA-F]+), "
     r"size (?P<size>\d+) MiB"
 )
-_RMEM_INIT = re.compile(r"reserved mem: initialized node (?P<node>[^,\s]+)")
+_RMEM_INIT = re.compile(r"reserved mem: initialized node (?P<node>\S+), compatible id ")
 _DMESG_PREFIX = re.compile(r"^<\d+>|^\[\s*\d+\.\d+\]\s*")
 
 
 def parse_reserved_memory_log(dmesg: str) -> ReservedMemoryLog:
     """Pick the reserved-memory lines out of a kernel log."""
-    errors, pools, inits = [], [], []
+    errors: list[str] = []
+    pools: list[tuple[int, int]] = []
+    inits: list[tuple[str, int | None]] = []
+    pool_base: int | None = None  # the kernel logs a node's pool, then the node's name
     for raw in dmesg.replace("\r", "").splitlines():
         line = _DMESG_PREFIX.sub("", raw).strip()
         if _RMEM_ERROR.search(line):
             errors.append(line)
         if (m := _RMEM_POOL.search(line)) is not None:
-            pools.append((int(m.group("base"), 16), int(m.group("size")) << 20))
-        if (m := _RMEM_INIT.search(line)) is not None:
-            inits.append(m.group("node"))
+            pool_base = int(m.group("base"), 16)
+            pools.append((pool_base, int(m.group("size")) << 20))
+        elif (m := _RMEM_INIT.search(line)) is not None:
+            inits.append((m.group("node"), pool_base))
+            pool_base = None
     return ReservedMemoryLog(tuple(errors), tuple(pools), tuple(inits))
 
 
@@ -124,13 +141,25 @@ async def verify_reservations(
     iomem_text, status = await console.run("cat /proc/iomem", timeout)
     if status != 0:
         raise EIO(f"cannot read /proc/iomem in the guest (status {status})", where="guest")
-    check_reservations(dmesg, iomem_text, reservations)
+    listing, status = await console.run(f"ls -1 {RESERVED_MEMORY_DIR}", timeout)
+    if status != 0:
+        raise EIO(
+            f"cannot list {RESERVED_MEMORY_DIR} in the guest (status {status})", where="guest"
+        )
+    check_reservations(dmesg, iomem_text, reservations, listing.split())
 
 
 def check_reservations(
-    dmesg: str, iomem_text: str, reservations: Sequence[tuple[str | None, int, int]]
+    dmesg: str,
+    iomem_text: str,
+    reservations: Sequence[tuple[str | None, int, int]],
+    nodes: Sequence[str] | None = None,
 ) -> None:
-    """The pure part of :func:`verify_reservations`, for tests and offline logs."""
+    """The pure part of :func:`verify_reservations`, for tests and offline logs.
+
+    ``nodes`` are the names under the guest's ``/proc/device-tree/reserved-memory`` (None:
+    not checked).
+    """
     rlog = parse_reserved_memory_log(dmesg)
     if rlog.errors:
         raise EIO(
@@ -144,8 +173,23 @@ def check_reservations(
     if not ram:
         raise EIO("no System RAM in the guest's /proc/iomem", where="guest")
     pool_bases = {base: size for base, size in rlog.pools}
+    initialized = {base: node for node, base in rlog.initialized if base is not None}
+    listed = None if nodes is None else set(nodes)
     for name, start, size in reservations:
         label = name or "private region"
+        node = node_name(name, start)
+        if listed is not None and node not in listed:
+            raise EIO(
+                f"{label} at {start:#x}: the guest's device tree has no "
+                f"{RESERVED_MEMORY_DIR}/{node}",
+                where="guest",
+            )
+        if initialized.get(start, node) != node:
+            raise EIO(
+                f"{label} at {start:#x}: the kernel initialized node {initialized[start]} "
+                f"there, not {node}",
+                where="guest",
+            )
         for entry in ram:
             if entry.overlaps(start, size):
                 raise EADDRINUSE(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import fdt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cma_qemu.errors import EADDRINUSE, EINVAL, ENODEV
 from cma_qemu.machine.devicetree import (
@@ -14,6 +17,7 @@ from cma_qemu.machine.devicetree import (
     drop_uart_dma,
     dump_qemu_dtb,
     node_name,
+    region_name,
     reserved_memory_nodes,
 )
 
@@ -74,7 +78,7 @@ def test_round_trip_2_2_cells(tmp_path: Path) -> None:
     assert "cma@52000000 {" in dts
     assert dts.count("no-map;") == 2
     assert 'compatible = "shared-dma-pool";' in dts
-    assert 'cma-qemu,name = "mfc_b1";' in dts
+    assert "cma-qemu" not in dts  # the node name carries the region name (the binding)
     # the rest of the tree survives
     assert "memory@40000000" in dts
 
@@ -124,7 +128,40 @@ def test_mismatched_existing_cells() -> None:
 def test_node_names() -> None:
     assert node_name("mfc_fw", 0x5F000000) == "mfc_fw@5f000000"
     assert node_name(None, 0x40000000) == "cma@40000000"
-    assert node_name("a b/c", 0x1000) == "a-b-c@1000"
+    assert node_name("a b/c", 0x1000) == "a,20b,2fc@1000"
+    assert node_name("_x", 0x1000) == "cma,,_x@1000"  # a node name starts with a letter or digit
+    assert node_name("/", 0x1000) == "cma,,,2f@1000"
+    assert region_name("cma,,_x@1000") == "_x"
+    assert node_name("mfc-b1.2+x_y", 0x1000) == "mfc-b1.2+x_y@1000"
+    assert node_name("aé", 0x1000) == "a,c3,a9@1000"
+    assert region_name("a,20b,2fc@1000") == "a b/c"
+    assert region_name("cma@40000000") == "cma"
+    assert node_name("x" * 64, 0) == "x" * 64 + "@0"
+    with pytest.raises(EINVAL, match="needs 65 characters"):
+        node_name("x" * 65, 0)
+    with pytest.raises(EINVAL, match="needs 66 characters"):
+        node_name("x" * 63 + " ", 0)
+
+
+# What the regions attribute accepts as a name: printable, no whitespace, none of ",;*=".
+region_names = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Z"), blacklist_characters=",;*="),
+    min_size=1,
+    max_size=20,
+).filter(lambda name: name.isprintable() and not any(ch.isspace() for ch in name))
+
+
+@given(name=region_names, start=st.integers(0, 2**64 - 1))
+def test_node_names_round_trip(name: str, start: int) -> None:
+    try:
+        node = node_name(name, start)
+    except EINVAL:
+        assert len(name.encode()) * 3 + 5 > 64  # only names that cannot fit are refused
+        return
+    base, _, unit = node.partition("@")
+    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9,+\-._]{0,63}", base), node  # dt-core.yaml
+    assert int(unit, 16) == start
+    assert region_name(node) == name
 
 
 def test_dump_qemu_dtb_and_patch(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_parse_log() -> None:
     log = parse_reserved_memory_log(DMESG)
     assert log.errors == ()
     assert log.pools == ((0x50000000, 16 * MiB), (0x52000000, MiB))
-    assert log.initialized == ("mfc_b1@50000000", "cma@52000000")
+    assert log.initialized == (("mfc_b1@50000000", 0x50000000), ("cma@52000000", 0x52000000))
 
 
 def test_good_reservations_pass() -> None:
@@ -104,9 +104,48 @@ class FakeConsole:
         return self.outputs[cmd]
 
 
-async def test_verify_over_a_console() -> None:
-    await verify_reservations(
-        FakeConsole({"dmesg": (DMESG, 0), "cat /proc/iomem": (IOMEM, 0)}), GOOD
+def test_nodes_carry_the_region_names() -> None:
+    nodes = ["mfc_b1@50000000", "cma@52000000", "region-mfc-left"]
+    check_reservations(DMESG, IOMEM, GOOD, nodes)
+    with pytest.raises(EIO, match=r"mfc_b1 at 0x50000000: .* no /proc/device-tree/reserved-mem"):
+        check_reservations(DMESG, IOMEM, GOOD, nodes[1:])
+    renamed = DMESG.replace("node mfc_b1@50000000", "node other@50000000")
+    with pytest.raises(EIO, match="initialized node other@50000000 there, not mfc_b1@50000000"):
+        check_reservations(renamed, IOMEM, GOOD, nodes)
+    # escaped names (',XX') are whole node names in the log, commas included
+    log = parse_reserved_memory_log(
+        "Reserved memory: created DMA memory pool at 0x50000000, size 16 MiB\n"
+        "OF: reserved mem: initialized node a,20b@50000000, compatible id shared-dma-pool\n"
     )
+    assert log.initialized == (("a,20b@50000000", 0x50000000),)
+    check_reservations(
+        log_text := DMESG.replace("mfc_b1@", "a,20b@"), IOMEM, [("a b", 0x50000000, 16 * MiB)]
+    )
+    assert "a,20b@50000000" in log_text
+
+
+async def test_verify_over_a_console() -> None:
+    listing = ("mfc_b1@50000000\ncma@52000000\n", 0)
+    await verify_reservations(
+        FakeConsole(
+            {
+                "dmesg": (DMESG, 0),
+                "cat /proc/iomem": (IOMEM, 0),
+                "ls -1 /proc/device-tree/reserved-memory": listing,
+            }
+        ),
+        GOOD,
+    )
+    with pytest.raises(EIO, match="no /proc/device-tree/reserved-memory/cma@52000000"):
+        await verify_reservations(
+            FakeConsole(
+                {
+                    "dmesg": (DMESG, 0),
+                    "cat /proc/iomem": (IOMEM, 0),
+                    "ls -1 /proc/device-tree/reserved-memory": ("mfc_b1@50000000\n", 0),
+                }
+            ),
+            GOOD,
+        )
     with pytest.raises(EIO, match="dmesg failed"):
         await verify_reservations(FakeConsole({"dmesg": ("", 1)}), GOOD)
