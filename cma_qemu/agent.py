@@ -26,11 +26,13 @@ from cma_qemu.channel import ChannelServer, FifoGate
 from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.guest_image import build_guest, find_guest
+from cma_qemu.journal import JOURNAL_NAME, Journal, JournalIdentity, RestoreReport, qemu_identity
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
 from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, uart_rx_level
 from cma_qemu.monitor import Monitor
+from cma_qemu.record import RecordingHeader, RecordingSwitch
 from cma_qemu.replay import build_cma
 
 __all__ = ["Agent", "GuestStub", "ScriptResult", "expected_pattern", "find_mismatch"]
@@ -104,7 +106,8 @@ class Agent:
 
     ``cma`` is the framework (query it freely), ``memory`` reads guest RAM, ``console`` runs
     guest commands (booted machines only), ``monitor_path`` is the QMP socket for inspection
-    scripts.
+    scripts. ``recording`` starts and stops a recording of what is served (``--record``);
+    an attached agent keeps a ``journal`` of its state, and ``restore`` says what it got back.
     """
 
     def __init__(
@@ -124,6 +127,12 @@ class Agent:
         self.monitor_path = monitor_path
         self.port = board.channel.name
         self._unsubscribe: list[Callable[[], None]] = []
+        #: The regions text and allocator the framework was built with (None: the board's).
+        self.regions_text: str | None = None
+        self.allocator: str | None = None
+        self.recording = RecordingSwitch(cma, self._recording_header)
+        self.journal: Journal | None = None
+        self.restore: RestoreReport | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,8 +147,12 @@ class Agent:
         monitor_path: Path | None = None,
         boot_timeout: float = 120.0,
         progress: Progress | None = None,
+        record: Path | None = None,
     ) -> Agent:
-        """Place the regions, boot the board with them reserved, verify, serve the guest."""
+        """Place the regions, boot the board with them reserved, verify, serve the guest.
+
+        ``record`` writes every allocation and free served to that file (a replayable script).
+        """
         say = progress or (lambda _message: None)
         say("placing the CMA regions")
         cma = build_cma(
@@ -156,7 +169,15 @@ class Agent:
         await machine.start()
         say(f"guest up in {machine.boot_time or 0:.1f} s; reservations verified in the guest")
         try:
-            return await cls._serve(board, cma, machine, monitor_path or machine.runtime_dir)
+            return await cls._serve(
+                board,
+                cma,
+                machine,
+                monitor_path or machine.runtime_dir,
+                regions=regions,
+                allocator=allocator,
+                record=record,
+            )
         except BaseException:
             await machine.close()
             raise
@@ -173,32 +194,82 @@ class Agent:
         asterisk: str | None = None,
         allocator: str | None = None,
         monitor_path: Path | None = None,
+        record: Path | None = None,
+        state: Path | None = None,
+        journal: bool = True,
     ) -> Agent:
         """Serve a QEMU someone else started (a test harness): its QMP and channel sockets.
 
         The regions are placed as at boot; the caller is responsible for having booted the
-        guest with them reserved (``cma-qemu boot --json`` prints them).
+        guest with them reserved (``cma-qemu boot --json`` prints them). The QEMU outlives
+        this agent, and so do its guest's chunks: the agent keeps a journal of its state at
+        ``state`` (default: beside the QMP socket) and restores an existing one of this QEMU
+        before serving, so a restarted agent serves the guest as if it had never gone.
         """
         cma = build_cma(
             board=board, regions=regions, map_text=map_text, asterisk=asterisk, allocator=allocator
         )
-        machine = await attach(qmp_path, channel_path, board)
+        state_journal: Journal | None = None
+        report: RestoreReport | None = None
+        if journal:
+            identity = JournalIdentity.of(
+                board.name, board.regions if regions is None else regions, cma, allocator
+            )
+            state_journal, report = Journal.open(
+                cma,
+                state or Path(qmp_path).parent / JOURNAL_NAME,
+                identity,
+                qemu_identity(qmp_path),
+            )
         try:
-            return await cls._serve(board, cma, machine, monitor_path or Path(qmp_path).parent)
+            machine = await attach(qmp_path, channel_path, board)
         except BaseException:
+            if state_journal is not None:
+                state_journal.close()
+            raise
+        try:
+            agent = await cls._serve(
+                board,
+                cma,
+                machine,
+                monitor_path or Path(qmp_path).parent,
+                regions=regions,
+                allocator=allocator,
+                record=record,
+                journal=state_journal,
+            )
+        except BaseException:
+            if state_journal is not None:
+                state_journal.close()
             await machine.close()
             raise
+        agent.restore = report
+        return agent
 
     @classmethod
     async def _serve(
-        cls, board: Board, cma: Cma, machine: Machine | AttachedMachine, monitor_at: Path
+        cls,
+        board: Board,
+        cma: Cma,
+        machine: Machine | AttachedMachine,
+        monitor_at: Path,
+        *,
+        regions: str | None,
+        allocator: str | None,
+        record: Path | None,
+        journal: Journal | None = None,
     ) -> Agent:
         monitor_path = monitor_at / "monitor.sock" if monitor_at.is_dir() else monitor_at
         monitor = Monitor(cma)
         channel = ChannelServer(cma, on_reset=monitor.guest_reset)
         agent = cls(board, cma, machine, channel, monitor, monitor_path)
+        agent.regions_text, agent.allocator, agent.journal = regions, allocator, journal
         monitor.read_memory = agent.read
+        monitor.commands.record_start = agent.recording.start
+        monitor.commands.record_stop = agent.recording.stop
         try:
+            if record is not None:
+                agent.recording.start(record)
             await monitor.start(monitor_path)
             channel.add_port(board.channel.name, machine.channel_path, gate=cls._gate(machine))
             await channel.wait_connected(board.channel.name, timeout=15)
@@ -234,11 +305,26 @@ class Agent:
         self._unsubscribe.append(events.on(on_port, "VSERPORT_CHANGE"))
 
     # ------------------------------------------------------------------ lifecycle
+    def _recording_header(self) -> RecordingHeader:
+        return RecordingHeader(
+            self.board.name,
+            self.regions_text,
+            self.cma.map_text,
+            self.cma.asterisk_text,
+            self.allocator,
+        )
+
     async def _close_serving(self) -> None:
         for unsubscribe in self._unsubscribe:
             with contextlib.suppress(Exception):
                 unsubscribe()
         self._unsubscribe.clear()
+        with contextlib.suppress(Exception):
+            self.recording.close()
+        if self.journal is not None:
+            with contextlib.suppress(Exception):
+                self.journal.close()
+            self.journal = None
         with contextlib.suppress(Exception):
             await self.channel.close()
         with contextlib.suppress(Exception):

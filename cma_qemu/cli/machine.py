@@ -34,6 +34,7 @@ def regions_json(agent: Agent) -> dict[str, Any]:
     """What a harness needs to know about a booted or attached agent."""
     regions, _ = local_snapshot(agent.cma)
     machine = agent.machine
+    recorder = agent.recording.recorder
     return {
         "board": agent.board.name,
         "regions": regions,
@@ -42,6 +43,9 @@ def regions_json(agent: Agent) -> dict[str, Any]:
         "monitor": str(agent.monitor_path),
         "qmp": str(machine.qmp_path),
         "channel": str(machine.channel_path),
+        "record": None if recorder is None else str(recorder.path),
+        "state": None if agent.journal is None else str(agent.journal.path),
+        "restore": None if agent.restore is None else agent.restore.as_json(),
     }
 
 
@@ -61,6 +65,7 @@ async def _boot_agent(args: argparse.Namespace, console: Console) -> Agent:
             allocator=args.allocator,
             monitor_path=Path(args.monitor) if args.monitor else None,
             progress=progress,
+            record=Path(args.record) if args.record else None,
         )
 
 
@@ -106,12 +111,16 @@ async def _attach(args: argparse.Namespace) -> int:
         asterisk=args.asterisk,
         allocator=args.allocator,
         monitor_path=Path(args.monitor) if args.monitor else None,
+        record=Path(args.record) if args.record else None,
+        state=Path(args.state) if args.state else None,
     )
     async with agent:
         if args.json:
             print(json.dumps(regions_json(agent), indent=2), flush=True)
         else:
             console.print(region_table(local_snapshot(agent.cma)[0]))
+            if agent.restore is not None:
+                console.print(agent.restore.describe())
             console.print(
                 f"serving the guest channel; monitor at {agent.monitor_path}; "
                 "Ctrl-C detaches (QEMU keeps running)"
