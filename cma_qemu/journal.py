@@ -139,6 +139,16 @@ class RestoreReport:
     stale: bool = False
     fresh: bool = True
 
+    def as_json(self) -> dict[str, object]:
+        """For ``attach --json``."""
+        return {
+            "path": str(self.path),
+            "restored": self.restored,
+            "truncated": self.truncated,
+            "stale": self.stale,
+            "fresh": self.fresh,
+        }
+
     def describe(self) -> str:
         """One line for people."""
         if self.fresh:
