@@ -1,7 +1,7 @@
 """The agent: one board's framework, QEMU machine, guest channel and monitor, wired together.
 
 Front ends (the CLI, the pytest plugin) only talk to an :class:`Agent`; the layers below it
-do not know about each other beyond what design.md allows (the machine knows QEMU, the channel
+do not know about each other beyond what docs/design.md allows (the machine knows QEMU, the channel
 knows the framework, the monitor knows both through callables).
 """
 

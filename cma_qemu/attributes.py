@@ -1,6 +1,6 @@
 """The three CMA attribute strings of the 2010 patch set: regions, map and asterisk.
 
-Pure parsers and formatters (no I/O), following section 2 of ``cma-v2-behaviour.md`` with the
+Pure parsers and formatters (no I/O) of the grammars in docs/semantics.md, with the
 project's decisions: the map follows its grammar exactly (not the v2 matcher's quirks), ``@0``
 and ``/0`` mean "anywhere" / "default", and generous bounds replace v2's 15-region and
 128-byte limits. Every malformed input raises :class:`~cma_qemu.errors.AttributeSyntaxError`
@@ -89,7 +89,7 @@ class MapRule:
 
 @dataclass(frozen=True)
 class Map:
-    """A parsed map attribute: rules tried in order, the first match wins (section 2.2)."""
+    """A parsed map attribute: rules tried in order, the first match wins."""
 
     rules: tuple[MapRule, ...]
 
@@ -280,7 +280,7 @@ def format_memsize(value: int) -> str:
 
 
 def parse_regions(text: str) -> tuple[RegionSpec, ...]:
-    """Parse ``[-]NAME=SIZE[@START][/ALIGN][:ALLOC]`` entries separated by ``;`` (section 2.1).
+    """Parse ``[-]NAME=SIZE[@START][/ALIGN][:ALLOC]`` entries separated by ``;``.
 
     One trailing ``;`` is allowed; an empty string gives no regions. Unlike v2, an error
     rejects the whole string (no partial result), so a typo never half-applies.
@@ -366,7 +366,7 @@ def _parse_region(sc: _Scanner) -> RegionSpec:
         sc.fail(f"expected {expected} after {after} of region {name!r}, found {sc.found()}{hint}")
 
     if start is not None:
-        # The normalisation of section 2.1 must not wrap around the 64-bit address space.
+        # The normalisation (docs/semantics.md) must not wrap around the 64-bit address space.
         step = max(alignment or 0, PAGE_SIZE)
         rounded_start = -(-start // step) * step
         rounded_size = -(-size // PAGE_SIZE) * PAGE_SIZE
@@ -408,7 +408,7 @@ def format_regions(specs: tuple[RegionSpec, ...]) -> str:
 
 
 def parse_map(text: str) -> Map | None:
-    """Parse the map attribute (section 2.2, intended semantics); None for empty (unset).
+    """Parse the map attribute (the intended semantics); None for empty (unset).
 
     One trailing newline (sysfs writes) and one trailing ``;`` are accepted.
     """
@@ -517,7 +517,7 @@ def format_map(value: Map | None) -> str:
 
 
 def parse_asterisk(text: str) -> tuple[str, ...]:
-    """Parse ``[NAME[,NAME]*]`` (section 2.3); one trailing newline is accepted.
+    """Parse ``[NAME[,NAME]*]``; one trailing newline is accepted.
 
     v2 stored sysfs writes verbatim, so ``echo name`` left a newline in the name; the
     names are checked here so such mistakes surface at once.
@@ -563,7 +563,7 @@ def format_asterisk(names: tuple[str, ...]) -> str:
 
 
 def derive_asterisk(specs: tuple[RegionSpec, ...]) -> tuple[str, ...]:
-    """The names without a leading ``-``, in order (section 2.1)."""
+    """The names without a leading ``-``, in order: the derived asterisk list."""
     return tuple(spec.name for spec in specs if spec.in_asterisk)
 
 

@@ -1,4 +1,4 @@
-"""The CMA API of the 2010 patch set (section 3 of the behaviour doc), with the intended fixes.
+"""The CMA API of the 2010 patch set, with the intended fixes (docs/semantics.md).
 
 One :class:`Cma` is the whole state the kernel kept in globals: the early list, the
 registered regions, the chunk tree, the map, the asterisk and the allocators. Every public call
@@ -183,7 +183,7 @@ def _normalised_early(
     allocator: str | None,
     in_asterisk: bool,
 ) -> EarlyRegion:
-    """Alignment at least a page, start rounded up to it, size to a page (section 2.1)."""
+    """Alignment at least a page, start rounded up to it, size to a page."""
     align = max(alignment or PAGE_SIZE, PAGE_SIZE)
     placed = align_up(start, align) if start else None
     pages = align_up(size, PAGE_SIZE)

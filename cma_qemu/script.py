@@ -28,7 +28,7 @@ __all__ = [
     "parse_number",
 ]
 
-#: Longest line the stub accepts, without its newline (the seed's 1023).
+#: Longest line the stub accepts, without its newline (the 2010 test tool's 1023).
 MAX_LINE = 1023
 #: Longest device or kind name (``char[17]`` in ``struct cma_alloc_request``).
 MAX_NAME = 16
@@ -224,7 +224,7 @@ class ScriptRunner:
     """Feeds lines to a backend and prints what ``cma-test`` prints.
 
     State (live chunks, the previous line) persists across :meth:`run_line` calls, so an
-    interactive front end and a whole-file replay are the same code path, as in the seed.
+    interactive front end and a whole-file replay are the same code path, as in the 2010 test tool.
     """
 
     def __init__(

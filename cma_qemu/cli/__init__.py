@@ -140,7 +140,7 @@ def _attribute_options(parser: argparse.ArgumentParser) -> None:
 
 
 #: Options whose value is an attribute string. Such a string may begin with ``-`` (a first
-#: region left out of the asterisk list, like the seed's Aquila ``-mfc_fw=1M/128K;...``),
+#: region left out of the asterisk list, like the 2010 Aquila board's ``-mfc_fw=1M/128K;...``),
 #: which argparse would take for an option.
 ATTRIBUTE_OPTIONS: Final = ("--cma", "--map", "--asterisk")
 

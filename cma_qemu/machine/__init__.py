@@ -1,4 +1,4 @@
-"""The QEMU side: launch, device tree, QMP session, guest memory, console, guest images."""
+"""The QEMU side: launch, device tree, QMP session, guest memory, console (images: guest_image)."""
 
 # Re-exports of the machine layer (launch, device tree, QMP, memory, console, verification).
 from cma_qemu.machine.console import Console

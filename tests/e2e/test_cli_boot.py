@@ -230,7 +230,7 @@ def test_script_prints_what_replay_prints(tmp_path: Path) -> None:
             ["'x' 0x40000000-0x40ffffff", "the kernel 0x40000000-"],
         ),
         (
-            ["aquila", "--cma", "mfc_b2=16M@0x40000000"],  # the seed's own address
+            ["aquila", "--cma", "mfc_b2=16M@0x40000000"],  # the 2010 patch's own address
             "EADDRINUSE",
             ["'mfc_b2' 0x40000000-0x40ffffff", "the kernel 0x40000000-"],
         ),

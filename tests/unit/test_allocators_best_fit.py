@@ -1,4 +1,4 @@
-"""Best-fit ("bf") worked by hand against the cases of behaviour doc section 5."""
+"""Best-fit ("bf") worked by hand against the cases of docs/semantics.md, "Best fit"."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Random alloc/free sequences against a brute-force model of the holes, for both allocators.
 
 The model keeps the free blocks as a sorted list and works out by brute force where each
-allocator must put a request: best fit (section 5, including the end-placement rule) for
+allocator must put a request: best fit (docs/semantics.md, including the end-placement rule) for
 "bf", lowest aligned address for "bitmap". After every step the allocator's holes must equal
 the model's exactly, and the holes and live chunks must tile the region.
 """
@@ -36,7 +36,7 @@ def align_up(value: int, alignment: int) -> int:
 
 
 def best_fit_place(holes: Holes, size: int, alignment: int) -> int | None:
-    """Section 5 by brute force: smallest hole (lowest address on ties) that fits aligned."""
+    """Best fit by brute force: smallest hole (lowest address on ties) that fits aligned."""
     for start, hsize in sorted(holes, key=lambda h: (h[1], h[0])):
         end = start + hsize
         s = align_up(start, alignment)

@@ -1,4 +1,4 @@
-"""Unit tests for the regions, map and asterisk attribute grammars (behaviour doc section 2)."""
+"""Unit tests for the regions, map and asterisk attribute grammars (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def test_regions_several_and_duplicates() -> None:
         ("a=18446744073709551616", 2, "too large"),
         ("a=1M@18446744073709551616", 5, "too large"),
         ("a=1M/0x8000000000000000K", 5, "too large"),
-        # start + size, rounded as in section 2.1, must stay within 2^64
+        # start + size, rounded as the regions attribute is normalised, must stay within 2^64
         ("a=4097@0xfffffffffffff000", 7, "past the 64-bit address space"),
         ("a=1@0xffffffffffffffff", 4, "past the 64-bit address space"),
         ("a=1M@0xfffffffffff00001/1M", 5, "past the 64-bit address space"),

@@ -58,7 +58,7 @@ memsizes = st.one_of(
 
 
 def _fits(spec: RegionSpec) -> bool:
-    """Section 2.1's normalisation must not carry past 2^64 (as the parser requires)."""
+    """The regions attribute's normalisation must not carry past 2^64 (as the parser requires)."""
     if spec.start is None:
         return True
     step = max(spec.alignment or 0, PAGE_SIZE)
