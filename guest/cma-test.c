@@ -39,14 +39,24 @@
 
 /* ------------------------------------------------------------------ state */
 
+/*
+ * Live chunks, indexed by id: slot[id] for 1 <= id < next_fresh. A slot is live or its id
+ * is in the min-heap of freed ids, so the lowest unused id is the heap's top, or next_fresh
+ * when the heap is empty. Live slots are linked in allocation order (oldest .. newest), so
+ * lookup and "the newest" are O(1), add and remove O(log n) (the heap), list O(n).
+ */
 struct chunk {
 	int id;
+	int live;
+	int prev, next;  /* ids in allocation order; 0: none */
 	uint64_t size;   /* as requested */
 	uint64_t addr;   /* guest physical start */
 };
 
-static struct chunk *chunks;   /* in allocation order */
-static size_t nchunks, chunks_cap;
+static struct chunk *slot;     /* slot[0] unused */
+static int *freed;             /* min-heap of freed ids, both arrays hold slot_cap entries */
+static size_t slot_cap, nfreed;
+static int next_fresh = 1, oldest, newest;
 
 static const char *channel_path;
 static int chan_fd = -1;
@@ -699,46 +709,102 @@ static int request(const char *cmd, const char *execute, const char *args, struc
 
 static struct chunk *chunk_find(int id)
 {
-	size_t i;
-
-	for (i = 0; i < nchunks; i++)
-		if (chunks[i].id == id)
-			return &chunks[i];
-	return NULL;
+	if (id <= 0 || (size_t)id >= slot_cap || !slot[id].live)
+		return NULL;
+	return &slot[id];
 }
 
-static int chunk_lowest_id(void)
+static void heap_push(int id)
 {
-	int id = 1;
+	size_t i = nfreed++;
 
-	while (chunk_find(id))
-		id++;
-	return id;
+	while (i > 0 && freed[(i - 1) / 2] > id) {
+		freed[i] = freed[(i - 1) / 2];
+		i = (i - 1) / 2;
+	}
+	freed[i] = id;
 }
 
+static int heap_pop(void)
+{
+	int top = freed[0], last = freed[--nfreed];
+	size_t i = 0, kid;
+
+	while ((kid = 2 * i + 1) < nfreed) {
+		if (kid + 1 < nfreed && freed[kid + 1] < freed[kid])
+			kid++;
+		if (freed[kid] >= last)
+			break;
+		freed[i] = freed[kid];
+		i = kid;
+	}
+	freed[i] = last;
+	return top;
+}
+
+/* Room for id next_fresh in both arrays; -1 when out of memory (nothing changed). */
+static int chunk_grow(void)
+{
+	size_t cap = slot_cap ? slot_cap * 2 : 64;
+	struct chunk *s;
+	int *f;
+
+	if ((size_t)next_fresh < slot_cap)
+		return 0;
+	s = realloc(slot, cap * sizeof(*s));
+	if (!s)
+		return -1;
+	slot = s;
+	memset(&slot[slot_cap], 0, (cap - slot_cap) * sizeof(*s));
+	f = realloc(freed, cap * sizeof(*f));
+	if (!f)
+		return -1;     /* slot grew but slot_cap did not: harmless, retried next time */
+	freed = f;
+	slot_cap = cap;
+	return 0;
+}
+
+/* Record a chunk under the lowest unused id, as the newest: O(log n). */
 static struct chunk *chunk_add(uint64_t size, uint64_t addr)
 {
-	if (nchunks == chunks_cap) {
-		size_t cap = chunks_cap ? chunks_cap * 2 : 16;
-		struct chunk *c = realloc(chunks, cap * sizeof(*c));
+	struct chunk *c;
+	int id;
 
-		if (!c)
+	if (nfreed) {
+		id = heap_pop();
+	} else {
+		if (chunk_grow())
 			return NULL;
-		chunks = c;
-		chunks_cap = cap;
+		id = next_fresh++;
 	}
-	chunks[nchunks].id = chunk_lowest_id();
-	chunks[nchunks].size = size;
-	chunks[nchunks].addr = addr;
-	return &chunks[nchunks++];
+	c = &slot[id];
+	c->id = id;
+	c->live = 1;
+	c->size = size;
+	c->addr = addr;
+	c->prev = newest;
+	c->next = 0;
+	if (newest)
+		slot[newest].next = id;
+	else
+		oldest = id;
+	newest = id;
+	return c;
 }
 
+/* Unlink a live chunk and make its id reusable: O(log n). */
 static void chunk_remove(struct chunk *c)
 {
-	size_t i = (size_t)(c - chunks);
-
-	memmove(&chunks[i], &chunks[i + 1], (nchunks - i - 1) * sizeof(*c));
-	nchunks--;
+	if (c->prev)
+		slot[c->prev].next = c->next;
+	else
+		oldest = c->next;
+	if (c->next)
+		slot[c->next].prev = c->prev;
+	else
+		newest = c->prev;
+	c->live = 0;
+	heap_push(c->id);
 }
 
 static void print_chunk(const struct chunk *c)
@@ -973,11 +1039,11 @@ static void do_free(const struct cmdline *c)
 	int id;
 
 	if (c->n == 0) {
-		if (!nchunks) {
+		if (!newest) {
 			err(c->cmd, "ENOENT", "no chunks");
 			return;
 		}
-		ch = &chunks[nchunks - 1];
+		ch = &slot[newest];
 	} else {
 		if (parse_id(c, c->arg[0], &id) || no_more_args(c, 1))
 			return;
@@ -991,12 +1057,12 @@ static void do_free(const struct cmdline *c)
 
 static void do_list(const struct cmdline *c)
 {
-	size_t i;
+	int id;
 
 	if (no_more_args(c, 0))
 		return;
-	for (i = 0; i < nchunks; i++)
-		print_chunk(&chunks[i]);
+	for (id = oldest; id; id = slot[id].next)
+		print_chunk(&slot[id]);
 }
 
 static void do_info(const struct cmdline *c)
@@ -1292,9 +1358,9 @@ int main(int argc, char **argv)
 
 	/* like closing the /dev/cma fds at exit: give every chunk back, silently */
 	if (chan_fd >= 0)
-		while (nchunks) {
-			free_request("exit", chunks[nchunks - 1].addr, 1);
-			nchunks--;
+		while (newest) {
+			free_request("exit", slot[newest].addr, 1);
+			chunk_remove(&slot[newest]);
 		}
 	return 0;
 }
