@@ -40,6 +40,7 @@ from cma_qemu.regions import (
     describe_range,
     place_early_regions,
 )
+from cma_qemu.units import ranges_overlap
 
 __all__ = [
     "AllocEvent",
@@ -373,7 +374,7 @@ class Cma:
             raise EINVAL(f"region {name or '<private>'}: start + size overflows")
         with self._lock:
             for other in self._regions:
-                if start < other.end and other.start < start + size:
+                if ranges_overlap(start, start + size, other.start, other.end):
                     raise EADDRINUSE(
                         f"region {name or '<private>'} {describe_range(start, size)} overlaps "
                         f"region {other.label} {describe_range(other.start, other.size)}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cma_qemu.allocators.base import Allocator
 from cma_qemu.attributes import PAGE_SIZE
 from cma_qemu.errors import EADDRINUSE, EINVAL, ENOMEM
+from cma_qemu.units import align_up, ranges_overlap
 
 __all__ = [
     "MAX_ADDRESS",
@@ -28,11 +29,6 @@ __all__ = [
 
 #: Guest physical addresses are 64-bit (LPAE) at most.
 MAX_ADDRESS = (1 << 64) - 1
-
-
-def align_up(value: int, alignment: int) -> int:
-    """Round ``value`` up to a multiple of the power of two ``alignment``."""
-    return (value + alignment - 1) & ~(alignment - 1)
 
 
 def describe_range(start: int, size: int) -> str:
@@ -112,10 +108,6 @@ class EarlyRegion:
         return f"region '{self.name}'" if self.name else "private region"
 
 
-def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
-    return a_start < b_end and b_start < a_end
-
-
 def _merged_banks(banks: Iterable[RamBank]) -> list[tuple[int, int]]:
     """Banks as [start, end) spans with touching banks merged, like memblock.memory."""
     spans: list[tuple[int, int]] = []
@@ -156,7 +148,7 @@ def place_early_regions(
                     f"({layout.describe()})"
                 )
             for other in taken:
-                if _overlap(start, end, other.start, other.end):
+                if ranges_overlap(start, end, other.start, other.end):
                     raise EADDRINUSE(
                         f"{region.label} {describe_range(start, region.size)} overlaps "
                         f"{other.label} {describe_range(other.start, other.size)}"

@@ -68,6 +68,7 @@ from cma_qemu.machine.qmp import (
     uart_rx_level,
 )
 from cma_qemu.machine.verify import verify_reservations
+from cma_qemu.units import MiB
 
 __all__ = [
     "CHANNEL_CHARDEV",
@@ -96,7 +97,6 @@ CHANNEL_PORT_ID = "cmaport0"
 _CONSOLES = {"virt": "ttyAMA0", "smdkc210": "ttySAC0"}
 #: UFSTAT of the Exynos4210's UART0 (the smdkc210 console): its receive FIFO level.
 _EXYNOS_UART0_UFSTAT = 0x13800018
-MiB = 1024 * 1024
 
 
 class GuestImageLike(Protocol):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cma_qemu.errors import EADDRINUSE, EINVAL, ENOENT
+from cma_qemu.units import KiB, MiB, align_up, ranges_overlap
 
 __all__ = [
     "DTB_ALIGN",
@@ -43,9 +44,6 @@ __all__ = [
     "loader_ranges",
     "parse_zimage",
 ]
-
-KiB = 1024
-MiB = 1024 * KiB
 
 #: boot.c: raw kernels are loaded this far into RAM.
 KERNEL_LOAD_ADDR = 0x10000
@@ -70,10 +68,6 @@ _ZIMAGE_MAGIC = 0x016F2818
 _KLSZ = 0x5A534C4B  # "KLSZ" little-endian: the kernel size table entry
 
 
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
-
-
 @dataclass(frozen=True, slots=True)
 class LoadedRange:
     """One guest-physical range that QEMU loads or the booting kernel occupies."""
@@ -89,7 +83,7 @@ class LoadedRange:
 
     def overlaps(self, start: int, size: int) -> bool:
         """True if ``[start, start + size)`` shares at least one byte with this range."""
-        return start < self.end and self.start < start + size
+        return ranges_overlap(start, start + size, self.start, self.end)
 
     def __str__(self) -> str:
         return f"{self.label} {self.start:#x}-{self.end - 1:#x}"
@@ -176,15 +170,15 @@ def kernel_footprint(info: ZImageInfo) -> tuple[int, int]:
     # The decompressor copies itself (with its BSS, stack and malloc arena) behind the
     # unpacked image when the two would collide; take that always, it costs a few MiB at most.
     relocated_end = (
-        _align_up(unpacked_end, 256)
+        align_up(unpacked_end, 256)
         + DECOMPRESSOR_STACK
-        + _align_up(info.image_end, 32)
+        + align_up(info.image_end, 32)
         + info.malloc_size
         + 64 * KiB  # the decompressor's own BSS, generously
     )
     end = max(unpacked_end + info.bss_size, relocated_end, KERNEL_LOAD_ADDR + info.file_size)
     start = min(KERNEL_LOAD_ADDR, info.text_offset - PAGE_TABLE_SIZE)
-    return start, _align_up(end, 4 * KiB) - start
+    return start, align_up(end, 4 * KiB) - start
 
 
 def loader_ranges(
@@ -214,12 +208,12 @@ def loader_ranges(
     # boot.c: the raw image is [entry, entry + file size); the initrd may not start below it.
     image_high = ram_base + KERNEL_LOAD_ADDR + info.file_size
     initrd_start = ram_base + min(ram_size // 2, INITRD_MAX_OFFSET)
-    initrd_start = _align_up(max(initrd_start, image_high), 4 * KiB)
+    initrd_start = align_up(max(initrd_start, image_high), 4 * KiB)
     initrd_size = 0
     if initrd is not None:
         initrd_size = initrd if isinstance(initrd, int) else Path(initrd).stat().st_size
         ranges.append(LoadedRange("initrd", initrd_start, initrd_size))
-    dtb_start = _align_up(initrd_start + initrd_size, DTB_ALIGN)
+    dtb_start = align_up(initrd_start + initrd_size, DTB_ALIGN)
     ranges.append(LoadedRange("dtb", dtb_start, dtb_size_budget))
     ram_end = ram_base + ram_size
     for r in ranges:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from cma_qemu.errors import EADDRINUSE, EIO
 from cma_qemu.machine.devicetree import node_name
+from cma_qemu.units import ranges_overlap
 
 __all__ = [
     "RESERVED_MEMORY_DIR",
@@ -59,7 +60,7 @@ class IomemEntry:
     depth: int
 
     def overlaps(self, start: int, size: int) -> bool:
-        return start < self.end and self.start < start + size
+        return ranges_overlap(start, start + size, self.start, self.end)
 
 
 _IOMEM = re.compile(
