@@ -171,9 +171,15 @@ def encode_error(
     request_id: object = None,
     has_id: bool = False,
 ) -> bytes:
-    """An ``{"error": {"class": ..., "desc": ...}}`` line; the class is the errno name."""
+    """An ``{"error": {"class": ..., "desc": ...}}`` line; the class is the errno name.
+
+    ``desc`` is one line: a newline inside it (from a device name or command the client
+    sent, which messages quote as given) is written as the two characters ``\\n``, so the
+    stub still prints one ``CMD: CLASS: desc`` line. Script lines cannot hold a newline, so
+    this never changes what ``cma-qemu replay`` is compared against.
+    """
     cls = error if isinstance(error, str) else type(error).errno_name
-    reply: dict[str, object] = {"error": {"class": cls, "desc": desc}}
+    reply: dict[str, object] = {"error": {"class": cls, "desc": desc.replace("\n", "\\n")}}
     if has_id:
         reply["id"] = request_id
     return (_dumps(reply) + "\n").encode()

@@ -155,3 +155,21 @@ def test_a_long_message_in_one_read_is_oversized_too() -> None:
     split = JsonSplitter(8)
     assert split.feed(message[:10]) + split.feed(message[10:]) == [OVERSIZED]
     assert JsonSplitter(len(message)).feed(message) == [message]
+
+
+def test_a_newline_in_a_command_name_stays_inside_one_reply_line(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # found by the fuzzer: the command name (and a device name) were quoted as given
+    cma, monitor, _ = _monitor("bf")
+    cma.set_asterisk("")
+    client = _Client(writer=cast(Any, None), negotiated=True)
+    for request, desc in (
+        ({"execute": "no\nsuch"}, "The command no\\nsuch has not been found"),
+        (
+            {"execute": "cma-alloc", "arguments": {"dev": "x\n", "size": 1}},
+            "cma-alloc: no region list for x\\n: no map rule and no asterisk list",
+        ),
+    ):
+        out = loop.run_until_complete(monitor.handle_line(client, json.dumps(request).encode()))
+        assert _check_reply(out)["error"]["desc"] == desc
