@@ -27,7 +27,7 @@ _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter
 settings.register_profile(
     "fuzz-quick",
     max_examples=100,
-    # A deadline catches an example that is merely slow; tests/fuzz/timeouts.py catches one
+    # A deadline catches an example that is merely slow; no_hang() in fuzzing.py catches one
     # that never ends. Generous, because the machine is shared.
     deadline=timedelta(seconds=5),
     suppress_health_check=_SLOW_OK,
