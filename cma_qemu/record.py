@@ -16,11 +16,12 @@ complete up to the last request even if the agent is killed.
 from __future__ import annotations
 
 import errno
+import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 from cma_qemu.attributes import PAGE_SIZE
 from cma_qemu.errors import EBUSY, ENOENT, ENOMEM, CmaError, error_class
@@ -97,9 +98,7 @@ class Recorder:
         self._owner: str | None = None
         self._settings_changed = False
         try:
-            self._file: IO[str] | None = open(  # noqa: SIM115 - closed by close()
-                self.path, "w", encoding="utf-8", errors="surrogateescape", buffering=1
-            )
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as err:
             raise os_error(err, "record") from None
         self._write_header(cma.chunks)
@@ -109,20 +108,20 @@ class Recorder:
     @property
     def recording(self) -> bool:
         """True until :meth:`close`."""
-        return self._file is not None
+        return self._fd is not None
 
     def close(self) -> None:
         """Stop recording and close the file (idempotent)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._file is not None:
+        if self._fd is not None:
             self._line(
                 f"# stopped: {self.allocations} allocations, {self.frees} frees, "
                 f"{len(self._ids)} chunks still live"
             )
-            self._file.close()
-            self._file = None
+            os.close(self._fd)
+            self._fd = None
 
     def summary(self) -> dict[str, object]:
         """Path and counts, for the monitor's replies."""
@@ -135,8 +134,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ writing
     def _line(self, text: str) -> None:
-        if self._file is not None:
-            self._file.write(text + "\n")
+        """One line, in one ``write`` call (no buffer to lose if the agent is killed)."""
+        if self._fd is not None:
+            os.write(self._fd, (text + "\n").encode("utf-8", "surrogateescape"))
 
     def _write_header(self, live: list[Chunk]) -> None:
         header = self.header

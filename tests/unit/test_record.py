@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +210,18 @@ async def test_monitor_starts_and_stops_a_recording(tmp_path: Path) -> None:
         await qmp.disconnect()
         await monitor.close()
         switch.close()
+
+
+def test_the_record_benchmark_runs_its_agent_side() -> None:
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_record", bench / "bench_record.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        figures = module.agent_side(n=20, repeat=1)
+    finally:
+        sys.path.remove(str(bench))
+    assert set(figures) == {"nothing", "recorder", "journal (file)", "journal (sqlite wal)"}
+    assert all(value > 0 for value in figures.values())
