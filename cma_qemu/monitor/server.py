@@ -29,18 +29,29 @@ from cma_qemu.monitor.commands import MemoryReader, MonitorCommands
 from cma_qemu.monitor.events import CMA_GUEST_RESET, from_cma_event, guest_reset_data
 from cma_qemu.monitor.protocol import COMMAND_NOT_FOUND, GREETING, MAX_REQUEST, encode_event
 
-__all__ = ["MAX_CLIENT_BACKLOG", "Monitor"]
+__all__ = ["MAX_CLIENT_BACKLOG", "MAX_UNENDED", "Monitor"]
 
 log = logging.getLogger(__name__)
 
 #: A client that lets this many bytes of replies and events pile up is dropped.
 MAX_CLIENT_BACKLOG: Final = 8 * 1024 * 1024
 
+#: A client that sends this many bytes in which no request ends (no newline, no complete
+#: object) gets one error and is disconnected. A request over MAX_REQUEST is answered with an
+#: error and the client may resync at its next newline, as QEMU allows; one that keeps
+#: streaming past this is not resyncing, and reading on would only burn the agent's CPU.
+MAX_UNENDED: Final = 4 * MAX_REQUEST
+
 
 @dataclass(eq=False)
 class _Client:
     writer: asyncio.StreamWriter
     negotiated: bool = False
+
+
+_UNENDED_REPLY: Final = encode_error(
+    "GenericError", f"no end of request in {MAX_UNENDED} bytes; closing the connection"
+)
 
 
 class Monitor:
@@ -190,13 +201,20 @@ class Monitor:
         client = _Client(writer)
         self._clients.add(client)
         splitter = JsonSplitter(MAX_REQUEST)
+        unended = 0  # bytes received since a request last ended
         try:
             writer.write(GREETING)
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
-                for item in splitter.feed(data):
+                items = splitter.feed(data)
+                unended = 0 if items or b"\n" in data else unended + len(data)
+                if unended > MAX_UNENDED:
+                    self._write(client, _UNENDED_REPLY)
+                    log.warning("monitor client sent %d bytes with no end of request", unended)
+                    break
+                for item in items:
                     if isinstance(item, Marker):
                         reply = encode_error(
                             "GenericError", f"request longer than {MAX_REQUEST} bytes"
