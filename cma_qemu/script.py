@@ -187,7 +187,13 @@ class LiveChunks:
 
 
 def _byte_length(text: str) -> int:
-    return len(text.encode("utf-8", "surrogateescape"))
+    """Bytes of ``text`` as the stub sees it: undecodable input bytes (read back as
+    surrogateescape) count one each; any other lone surrogate, which only a Python caller
+    can pass, counts as its three-byte encoding instead of raising."""
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _split_dev(token: str) -> tuple[str, str]:
@@ -264,14 +270,14 @@ class ScriptRunner:
         lines = text.split("\n")
         for line in lines[:-1]:
             self.run_line(line)
-        if len(lines[-1].encode("utf-8", "surrogateescape")) > MAX_LINE:
+        if _byte_length(lines[-1]) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")  # the stub checks length first
         elif lines[-1]:
             self._error("input", "EINVAL", "no new line at EOF")
 
     def run_line(self, line: str) -> None:
         """Run one line (without its newline)."""
-        if len(line.encode("utf-8", "surrogateescape")) > MAX_LINE:
+        if _byte_length(line) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")
             return
         line = line.partition("\0")[0]  # the stub's C strings end at a NUL

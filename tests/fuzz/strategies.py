@@ -200,6 +200,9 @@ script_lines = st.one_of(
     _valid_lines,
     mutated(_valid_lines, " \tafilrvwbp0123456789xK/#,*-"),
     random_lines,
+    # lone surrogates: what a Python caller (or undecodable input) can hand the runner
+    st.text(st.characters(categories=["Cs", "Ll", "Zs"]), max_size=8),
+    mutated(_valid_lines, "\ud800\udcff\udfff "),
 ).filter(_quick)
 
 # --------------------------------------------------------------------------------------------

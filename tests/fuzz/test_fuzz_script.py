@@ -79,3 +79,19 @@ def test_whole_scripts(lines: list[str], end: str) -> None:
         assert ERROR_LINE.fullmatch(line), line
     if end.strip("\n"):
         assert err.getvalue().endswith("input: EINVAL: no new line at EOF\n")
+
+
+def test_lone_surrogates_are_input_errors_not_exceptions() -> None:
+    # found by the fuzzer: a surrogate outside surrogateescape's range made the line-length
+    # check raise UnicodeEncodeError out of run_line and run
+    runner, out, err = _runner("bf")
+    runner.run_line("\ud800")
+    runner.run_line("a \ud800/k 4K")
+    runner.run_line("i d0/\udfff")
+    runner.run("a d0 4K\n\ud800")
+    assert err.getvalue() == (
+        "\ud800: EINVAL: unknown command\ninput: EINVAL: no new line at EOF\n"
+    )
+    lines = out.getvalue().split("\n")
+    assert lines[0].startswith("1: 0x1000@") and lines[1].startswith("info: count=")
+    assert lines[2].startswith("2: 0x1000@") and lines[3:] == [""]
