@@ -17,11 +17,18 @@ Fixtures:
     ``guest.run_script(text)`` runs ``cma-test`` on a script.
 
 The asyncio parts run on a private event loop thread, so tests are plain functions.
+
+While boards are up, SIGTERM and SIGHUP stop the session the way Ctrl-C does (pytest's
+"KeyboardInterrupt" path, :mod:`cma_qemu.lifecycle`): the running test is abandoned, every
+board is shut down and its files removed, and pytest exits with 128 + the signal number (143,
+129) instead of dying on the spot with QEMU's RAM and sockets left behind. A coroutine that a
+signal or a timeout abandons is cancelled and waited for, so nothing keeps running on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -30,6 +37,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cma_qemu import lifecycle
 from cma_qemu.agent import Agent, GuestStub, ScriptResult
 from cma_qemu.boards import load_board
 from cma_qemu.framework import Chunk, Cma
@@ -51,6 +59,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: boots real QEMU with a real Linux guest")
 
 
+@pytest.hookimpl(trylast=True)  # after the fixture teardown that closes the boards
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A session that SIGTERM or SIGHUP stopped (while boards were up) exits 128 + signal."""
+    if _Boards.stopped_by is not None:
+        session.exitstatus = 128 + _Boards.stopped_by
+
+
 class _LoopThread:
     """An event loop in a daemon thread; tests hand it coroutines and wait for the result."""
 
@@ -61,13 +76,40 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the loop; on a timeout or an interrupt it is cancelled and waited
+        for (up to a minute) before the exception goes on, so it cannot outlive the caller."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        started: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            started.append(task)
+            task.add_done_callback(lambda t: _settle(t, done))
+
+        self.loop.call_soon_threadsafe(start)
+        try:
+            return done.result(timeout)
+        except BaseException:
+            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in started])
+            with lifecycle.deferred(), contextlib.suppress(BaseException):
+                done.exception(60)
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self.loop.is_running():
             self.loop.close()
+
+
+def _settle(task: asyncio.Task[T], done: concurrent.futures.Future[T]) -> None:
+    """Hand a finished task's outcome to the waiting thread."""
+    if task.cancelled():
+        done.cancel()
+    elif (error := task.exception()) is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(task.result())
 
 
 @dataclass(frozen=True)
@@ -211,9 +253,13 @@ class BoardSession:
 class _Boards:
     """Boots boards on first use and shuts them all down at the end of the session."""
 
+    #: The signal that stopped a session with boards up (for the exit status), or None.
+    stopped_by: int | None = None
+
     def __init__(self) -> None:
         self._loop: _LoopThread | None = None
         self._sessions: dict[tuple[Any, ...], BoardSession] = {}
+        self._signals = contextlib.ExitStack()
 
     def boot(
         self,
@@ -227,6 +273,7 @@ class _Boards:
         if key in self._sessions:
             return self._sessions[key]
         if self._loop is None:
+            self._signals.enter_context(lifecycle.signals_interrupt())
             self._loop = _LoopThread()
         loop = self._loop
         agent = loop.run(
@@ -242,15 +289,19 @@ class _Boards:
         return session
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            try:
-                session._close()
-            except Exception as error:  # keep closing the others
-                print(f"cma-qemu: closing a board failed: {error}")
-        self._sessions.clear()
-        if self._loop is not None:
-            self._loop.stop()
-            self._loop = None
+        with lifecycle.deferred():  # a signal now must not cut the shutdown in half
+            for session in self._sessions.values():
+                try:
+                    session._close()
+                except Exception as error:  # keep closing the others
+                    print(f"cma-qemu: closing a board failed: {error}")
+            self._sessions.clear()
+            if self._loop is not None:
+                self._loop.stop()
+                self._loop = None
+        self._signals.close()
+        if lifecycle.received() is not None:
+            _Boards.stopped_by = lifecycle.received()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from cma_qemu.cli.inspect import cmd_inspect
 from cma_qemu.cli.machine import cmd_attach, cmd_boot
 from cma_qemu.cli.offline import cmd_boards, cmd_guest_build, cmd_replay
 from cma_qemu.errors import CmaError
+from cma_qemu.lifecycle import Terminated, signals_interrupt
 
 __all__ = ["ATTRIBUTE_OPTIONS", "join_attribute_values", "main", "parse_args"]
 
@@ -207,10 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        with signals_interrupt():  # SIGTERM and SIGHUP unwind like Ctrl-C (cma_qemu.lifecycle)
+            return handler(args)
     except CmaError as error:
         print(f"cma-qemu: {error.errno_name}: {error}", file=sys.stderr)
         return 1
+    except Terminated as signal:
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            print(f"cma-qemu: terminated by {signal.name}", file=sys.stderr)
+        return signal.exit_status
     except KeyboardInterrupt:
         print("cma-qemu: interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,6 @@ host through guest memory, free, and draw the regions before and after.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import re
 import time
@@ -19,6 +18,7 @@ from rich.table import Table
 
 from cma_qemu.agent import Agent, GuestStub
 from cma_qemu.boards import Board, load_board
+from cma_qemu.lifecycle import run
 from cma_qemu.views import human_size, local_snapshot, region_map, region_table, stats_table
 
 __all__ = ["DEMO_SESSIONS", "cmd_demo"]
@@ -169,4 +169,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``cma-qemu demo [--board BOARD]``."""
     console = Console(highlight=False)
     console = Console(highlight=False, width=max(console.width, 100))  # tables need the room
-    return asyncio.run(_demo(load_board(args.board), console))
+    return run(_demo(load_board(args.board), console))

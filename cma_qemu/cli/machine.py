@@ -16,6 +16,7 @@ from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.cli.offline import read_script
 from cma_qemu.errors import EIO, ETIMEDOUT
+from cma_qemu.lifecycle import run
 from cma_qemu.views import local_snapshot, region_table
 
 __all__ = ["cmd_attach", "cmd_boot", "progress_console", "regions_json"]
@@ -96,7 +97,7 @@ async def _boot(args: argparse.Namespace) -> int:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     """``cma-qemu boot``: a board with its regions reserved; a command, a script or a shell."""
-    return asyncio.run(_boot(args))
+    return run(_boot(args))
 
 
 async def _attach(args: argparse.Namespace) -> int:
@@ -146,4 +147,4 @@ async def _until_shutdown(agent: Agent) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """``cma-qemu attach``: serve a QEMU someone else started until it shuts down."""
-    return asyncio.run(_attach(args))
+    return run(_attach(args))

@@ -1,11 +1,27 @@
 """Launching QEMU for a board: the command line and the :class:`Machine` that owns the process.
 
 One ``Machine`` owns everything it creates and removes all of it on exit, whatever the exit
-(clean, exception, KeyboardInterrupt/cancellation, QEMU killed under it): the QEMU process, a
-0700 runtime directory with the QMP and channel sockets and the patched DTB, and on virt the
-shared RAM file in ``/dev/shm``. Belt and braces: QEMU gets ``PR_SET_PDEATHSIG`` so it dies
-with the agent, and a ``weakref.finalize`` kills it and removes the files if a ``Machine`` is
-dropped or the interpreter exits without ``close()``.
+(clean, exception, KeyboardInterrupt/cancellation, SIGTERM/SIGHUP through
+:mod:`cma_qemu.lifecycle`, QEMU killed under it): the QEMU process, the guest RAM, and a 0700
+runtime directory (:mod:`cma_qemu.machine.rundir`) with the QMP and channel sockets and the
+patched DTB. Even SIGKILL of the agent leaves nothing for long:
+
+* guest RAM (virt) is an anonymous ``memfd_create`` file, so it has no name on any file
+  system: QEMU opens it as ``/proc/AGENT_PID/fd/N`` at start, the agent maps the same file,
+  and the pages are freed when the last of the two lets go. A file in ``/dev/shm`` unlinked
+  once both have mapped it would do the same, but only after a window in which a kill leaks
+  it. Reaching the fd through the agent's ``/proc`` entry instead of passing it to QEMU keeps
+  the spawn as it is (ptyprocess closes inherited fds) and keeps QEMU's ``mem-path``
+  meaningful to another process while the agent runs (``cma-qemu attach`` maps it from
+  there); a harness that starts QEMU itself passes a file of its own to :func:`qemu_command`.
+  Boot time and mmap reads are the same as with the ``/dev/shm`` file (BENCHMARKS.md);
+* QEMU gets ``PR_SET_PDEATHSIG`` (SIGKILL). The kernel sends it when the *thread* that forked
+  QEMU ends, so ``start()`` must run on a thread that lives as long as the machine: the
+  CLI's main thread, or the pytest plugin's event-loop thread;
+* the runtime directory names its owner and the next launch sweeps it.
+
+A ``weakref.finalize`` kills QEMU and removes the files if a ``Machine`` is dropped or the
+interpreter exits without ``close()``.
 
 Command-line choices:
 
@@ -31,7 +47,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -44,6 +59,7 @@ import pexpect
 from qemu.qmp import QMPClient, QMPError
 
 from cma_qemu.errors import EINVAL, EIO, ENODEV, CmaError
+from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.devicetree import (
     Reservation,
@@ -79,6 +95,7 @@ __all__ = [
     "LaunchFiles",
     "Machine",
     "console_device",
+    "guest_ram",
     "kernel_cmdline",
     "machine_args",
     "qemu_command",
@@ -251,16 +268,40 @@ def _uart_index(device: str) -> int:
     return int(match.group(1))
 
 
-def _runtime_parent() -> str | None:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return xdg if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK) else None
+_PR_SET_PDEATHSIG = 1
 
 
-def _pdeathsig() -> None:
-    """In the forked child: die with the parent (Linux ``PR_SET_PDEATHSIG``)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the forked child gets SIGKILL when its parent (thread) ends.
+
+    A parent that died between the fork and the ``prctl`` sent no signal: the child checks
+    and exits then instead of running as an orphan. libc is looked up here, in the parent:
+    the forked child of a threaded process should not take the dynamic loader's locks.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return pdeathsig
+
+
+def guest_ram(size: int, name: str = "cma-qemu-ram") -> tuple[int, Path]:
+    """An anonymous RAM file of ``size`` bytes: ``(fd, path QEMU opens it by)``.
+
+    The path is ``/proc/PID/fd/N`` of this process, so it opens the file (from any process
+    of this user) only while this process keeps ``fd``; the pages go with the last fd or
+    mapping. Cost: one ``memfd_create`` and one ``ftruncate``; pages are allocated on touch.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, Path(f"/proc/{os.getpid()}/fd/{fd}")
 
 
 class _Leftovers:
@@ -269,6 +310,7 @@ class _Leftovers:
     def __init__(self) -> None:
         self.pid: int | None = None
         self.paths: list[Path] = []
+        self.fds: list[int] = []
 
     def __call__(self) -> None:
         if self.pid is not None:
@@ -284,6 +326,10 @@ class _Leftovers:
                 with contextlib.suppress(OSError):
                     p.unlink()
         self.paths.clear()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
 
 
 class Machine:
@@ -310,7 +356,6 @@ class Machine:
         verify: bool = True,
         dtb_compatible: str | None = "shared-dma-pool",
         runtime_parent: str | os.PathLike[str] | None = None,
-        ram_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.board = board
         self.reservations: tuple[Reservation, ...] = tuple(reservations)
@@ -324,7 +369,6 @@ class Machine:
         self._verify = verify
         self._compatible = dtb_compatible
         self._runtime_parent = runtime_parent
-        self._ram_dir = ram_dir
 
         self.files: LaunchFiles | None = None
         self.argv: list[str] = []
@@ -390,6 +434,7 @@ class Machine:
 
     @property
     def ram_path(self) -> Path | None:
+        """Where guest RAM opens (``/proc/PID/fd/N`` of this process) while the machine runs."""
         return self.files.ram_file if self.files else None
 
     @property
@@ -470,17 +515,15 @@ class Machine:
         """Runtime dir, RAM file, guest image, DTB; checks reservations against the loader."""
         board = self.board
         base, total, _ = ram_extent(board)
-        runtime = Path(
-            tempfile.mkdtemp(prefix="cma-qemu-", dir=self._runtime_parent or _runtime_parent())
-        )
+        parent = self._runtime_parent or rundir.default_parent()
+        for swept in rundir.sweep({parent, rundir.default_parent()}):
+            log.info("removed %s: its agent is gone", swept)
+        runtime = rundir.create(parent)
         self._leftovers.paths.append(runtime)
         ram_file = None
         if uses_ram_file(board):
-            ram_dir = self._ram_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else runtime)
-            fd, name = tempfile.mkstemp(prefix="cma-qemu-", suffix=".ram", dir=ram_dir)
-            os.close(fd)
-            ram_file = Path(name)
-            self._leftovers.paths.append(ram_file)
+            fd, ram_file = guest_ram(total, f"cma-qemu-{board.name}")
+            self._leftovers.fds.append(fd)
         self.files = files = LaunchFiles.in_dir(runtime, ram_file)
 
         image = self._image
@@ -530,7 +573,7 @@ class Machine:
             timeout=None,
             echo=False,
             dimensions=(50, 250),
-            preexec_fn=_pdeathsig,
+            preexec_fn=_die_with(os.getpid()),
         )
         child.delaybeforesend = None
         self._child = child

@@ -28,6 +28,7 @@ from qemu.qmp import ConnectError, QMPClient, QMPError
 from qemu.qmp.message import Message
 
 from cma_qemu.errors import EIO, ENODEV, ETIMEDOUT
+from cma_qemu.machine import rundir
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory, PmemsaveGuestMemory
 
 __all__ = [
@@ -688,6 +689,7 @@ async def attach(
         chardev = await find_channel_chardev(qmp, channel_path, board)
         tmp = tempfile.TemporaryDirectory(prefix="cma-qemu-attach-")
         os.chmod(tmp.name, 0o700)
+        rundir.claim(tmp.name)  # swept by the next start if this process is killed
         memory = await open_guest_memory(qmp, board, tmp.name)
         hub = EventHub(qmp)
         hub.start()
