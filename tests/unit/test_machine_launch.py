@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +18,9 @@ from cma_qemu.errors import EADDRINUSE, EINVAL, ENODEV
 from cma_qemu.machine.launch import (
     LaunchFiles,
     Machine,
+    _die_with,
     console_device,
+    guest_ram,
     kernel_cmdline,
     machine_args,
     qemu_command,
@@ -181,3 +189,62 @@ async def test_machine_without_dtb_for_smdkc210(tmp_path: Path) -> None:
         async with Machine(SMDK, image=image, runtime_parent=tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["initrd", "zImage"]
+
+
+def test_guest_ram_has_no_name_and_goes_with_its_fd() -> None:
+    """The RAM QEMU maps is an anonymous memfd reached through this process's fd table."""
+    fd, path = guest_ram(4 * MiB, "cma-qemu-test")
+    try:
+        assert path == Path(f"/proc/{os.getpid()}/fd/{fd}")
+        assert os.readlink(path) == "/memfd:cma-qemu-test (deleted)"  # on no file system
+        assert os.fstat(fd).st_size == 4 * MiB
+        with open(path, "r+b") as other:  # what QEMU does with mem-path: the same file
+            other.write(b"\xc0\xde")
+        assert os.pread(fd, 2, 0) == b"\xc0\xde"
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(fd)
+    assert not path.exists() or os.readlink(path) != "/memfd:cma-qemu-test (deleted)"
+
+
+def _spawn_sleep(preexec: Callable[[], None]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "30"], preexec_fn=preexec)
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_child_dies_with_the_thread_that_spawned_it() -> None:
+    """PR_SET_PDEATHSIG follows the forking *thread*: why a Machine must start on a thread
+    that lives as long as it does (the CLI's main thread, the plugin's loop thread)."""
+    spawned: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: spawned.append(_spawn_sleep(_die_with(os.getpid()))))
+    thread.start()
+    thread.join()
+    (child,) = spawned
+    try:
+        assert _gone(child.pid), "the child outlived the thread that forked it"
+        assert child.wait(5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+
+    child = _spawn_sleep(_die_with(os.getpid()))  # this thread lives on: so does the child
+    try:
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_child_whose_parent_is_already_gone_exits() -> None:
+    """The prctl comes after the fork: a parent that died in between sent no signal."""
+    child = _spawn_sleep(_die_with(os.getpid() + 1_000_000))  # "parent" is not ours
+    assert child.wait(5) == 1
