@@ -1,4 +1,8 @@
-"""The monitor's events, built from framework events and from the channel's resets."""
+"""The monitor's events, built from framework events and from the channel's resets.
+
+:data:`EVENTS` declares each event's data (``query-qmp-schema`` lists them); the unit tests
+check every event the builders below produce against it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ from typing import Final
 
 from cma_qemu.errors import CmaError
 from cma_qemu.framework import AllocEvent, AllocFailedEvent, Chunk, CmaEvent, FreeEvent
+from cma_qemu.monitor.schema import Event, Member, ObjectType
 
 __all__ = [
     "CMA_ALLOC",
     "CMA_ALLOC_FAILED",
     "CMA_FREE",
     "CMA_GUEST_RESET",
+    "EVENTS",
+    "EVENT_TYPES",
     "from_cma_event",
     "guest_reset_data",
 ]
@@ -20,6 +27,54 @@ CMA_ALLOC: Final = "CMA_ALLOC"
 CMA_FREE: Final = "CMA_FREE"
 CMA_ALLOC_FAILED: Final = "CMA_ALLOC_FAILED"
 CMA_GUEST_RESET: Final = "CMA_GUEST_RESET"
+
+_CHUNK = (
+    Member("addr", "uint64"),
+    Member("size", "uint64"),
+    Member("region", "StrOrNull"),
+    Member("owner", "StrOrNull"),
+)
+
+#: Every event the monitor emits, with the members of its ``data``.
+EVENTS: Final = (
+    Event(
+        CMA_ALLOC,
+        (
+            *_CHUNK,
+            Member("requested", "uint64"),
+            Member("dev", "StrOrNull"),
+            Member("kind", "StrOrNull"),
+        ),
+        "A chunk was allocated (by the guest or through the monitor).",
+    ),
+    Event(CMA_FREE, _CHUNK, "A chunk was freed."),
+    Event(
+        CMA_ALLOC_FAILED,
+        (
+            Member("dev", "StrOrNull"),
+            Member("kind", "StrOrNull"),
+            Member("regions", "[str]"),
+            Member("size", "uint64"),
+            Member("alignment", "uint64"),
+            Member("error", "CmaEventError"),
+        ),
+        "An allocation failed; ``error`` is what the caller got.",
+    ),
+    Event(
+        CMA_GUEST_RESET,
+        (
+            Member("port", "str"),
+            Member("reason", "str"),
+            Member("released", "int"),
+            Member("bytes", "uint64"),
+            Member("chunks", "[uint64]"),
+        ),
+        "A guest port went away (reset, closed port) and its chunks were released.",
+    ),
+)
+
+#: Types the events' data uses beyond the builtins and ``StrOrNull``.
+EVENT_TYPES: Final = (ObjectType("CmaEventError", (Member("class", "str"), Member("desc", "str"))),)
 
 
 def _chunk(chunk: Chunk) -> dict[str, object]:

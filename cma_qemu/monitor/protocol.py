@@ -1,4 +1,4 @@
-"""QMP wire details of the agent's monitor: greeting, negotiation errors, event lines.
+"""QMP wire details of the agent's monitor: greeting, version, negotiation errors, event lines.
 
 Only what makes ``qemu.qmp.QMPClient`` and ``qmp-shell`` treat the agent like QEMU lives here;
 request decoding is shared with the guest channel (:mod:`cma_qemu.channel.messages`).
@@ -6,15 +6,22 @@ request decoding is shared with the guest channel (:mod:`cma_qemu.channel.messag
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import time
 from typing import Final
+
+import cma_qemu
 
 __all__ = [
     "COMMAND_NOT_FOUND",
     "GREETING",
     "MAX_REQUEST",
+    "PACKAGE_VERSION",
+    "VERSION_INFO",
     "encode_event",
+    "version_info",
 ]
 
 #: QEMU's class for unknown commands and for commands before/after negotiation.
@@ -23,21 +30,37 @@ COMMAND_NOT_FOUND: Final = "CommandNotFound"
 #: Requests can carry a whole map attribute (up to 64 KiB) plus JSON quoting.
 MAX_REQUEST: Final = 1024 * 1024
 
+
+def _package_version() -> str:
+    """The installed distribution's version (the package's own when it is not installed)."""
+    try:
+        return importlib.metadata.version("cma-qemu")
+    except importlib.metadata.PackageNotFoundError:
+        return cma_qemu.__version__
+
+
+def version_info(version: str) -> dict[str, object]:
+    """``query-version``'s reply in QEMU's shape for a version string.
+
+    ``qemu`` holds the numbers (a part that is missing or not a number is 0, as in
+    ``0.1.0.dev3`` -> 0.1.0); ``package`` names this package and its full version.
+    """
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    parts = [int(p) if p else 0 for p in match.groups()] if match else [0, 0, 0]
+    return {
+        "qemu": {"major": parts[0], "minor": parts[1], "micro": parts[2]},
+        "package": f"cma-qemu {version}",
+    }
+
+
+#: This package's version, as the monitor reports it.
+PACKAGE_VERSION: Final = _package_version()
+#: ``query-version``'s reply; the greeting carries the same.
+VERSION_INFO: Final = version_info(PACKAGE_VERSION)
+
 #: The first line a client reads, shaped like QEMU's so QMP clients accept it.
 GREETING: Final = (
-    json.dumps(
-        {
-            "QMP": {
-                "version": {
-                    "qemu": {"major": 0, "minor": 1, "micro": 0},
-                    "package": "cma-qemu",
-                },
-                "capabilities": [],
-            }
-        },
-        separators=(",", ":"),
-    )
-    + "\n"
+    json.dumps({"QMP": {"version": VERSION_INFO, "capabilities": []}}, separators=(",", ":")) + "\n"
 ).encode()
 
 _dumps: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode

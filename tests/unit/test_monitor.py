@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import json
 import os
 import stat
@@ -80,7 +81,8 @@ async def test_socket_is_private(monitor: Monitor, sock_path: Path) -> None:
 
 async def test_greeting_and_query_commands(qmp: QMPClient) -> None:
     assert qmp.greeting is not None
-    assert qmp.greeting.QMP.version["package"] == "cma-qemu"
+    version = importlib.metadata.version("cma-qemu")
+    assert qmp.greeting.QMP.version["package"] == f"cma-qemu {version}"
     commands: Any = await qmp.execute("query-commands")
     names = {c["name"] for c in commands}
     assert {
