@@ -101,7 +101,8 @@ async def test_a_killed_agent_comes_back_with_the_guest_chunks(qemu: Qemu, tmp_p
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
         assert state.read_text().endswith("a 5f000000 1000 1000 1 ")
 
-        second = _attach(qemu, state)
+        recording = tmp_path / "after-restart.cma"
+        second = _attach(qemu, state, "--record", str(recording))
         info = await asyncio.to_thread(_read_json, second, 30)
         assert info["restore"] == {
             "path": str(state),
@@ -132,6 +133,12 @@ async def test_a_killed_agent_comes_back_with_the_guest_chunks(qemu: Qemu, tmp_p
         _, err = await asyncio.to_thread(_stop, second)
         assert second.returncode in (0, 130), err
         assert "Traceback" not in err
+        # attach --record: the restored chunks are noted, what was served since is replayable.
+        text = recording.read_text()
+        assert text.count("# live before recording (not replayed): ") == 3
+        body = [ln for ln in text.splitlines() if not ln.startswith("#")]
+        assert body == ["alloc vpu/dec 0x300000", "free 1"]
+        assert text.count("# free of a chunk not in this recording") == 3
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
