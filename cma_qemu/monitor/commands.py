@@ -21,7 +21,7 @@ from typing import Final, TypeAlias
 
 from cma_qemu.channel.arguments import U64_MAX
 from cma_qemu.channel.commands import chunk_json, info_json
-from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP, CmaError
+from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP, CmaError, GenericError
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.monitor.events import EVENT_TYPES, EVENTS
 from cma_qemu.monitor.hmp import HumanMonitor
@@ -182,6 +182,10 @@ class MonitorCommands:
         self.record_stop: RecordStop | None = None
         self.human = HumanMonitor(cma, PACKAGE_VERSION)
         self.table: dict[str, Command] = {c.name: c for c in self.declare()}
+        #: ``qmp_capabilities``: the server runs it (once, before the table is open).
+        self.capabilities = Command(
+            "qmp_capabilities", _negotiate, (Member("enable", "[str]", optional=True),)
+        )
 
     def declare(self) -> tuple[Command, ...]:
         """The table: name, handler, arguments and return type of every command."""
@@ -258,12 +262,7 @@ class MonitorCommands:
 
     def query_qmp_schema(self) -> object:
         """The commands and events of this monitor and their types, as QEMU's SchemaInfo."""
-        qmp_capabilities = Command(
-            "qmp_capabilities",
-            _negotiate,
-            (Member("enable", "[str]", optional=True),),
-        )
-        return introspect((qmp_capabilities, *self.table.values()), EVENTS, (*TYPES, *EVENT_TYPES))
+        return introspect((self.capabilities, *self.table.values()), EVENTS, (*TYPES, *EVENT_TYPES))
 
     def human_monitor_command(self, command_line: str, cpu_index: int) -> object:
         """HMP text: help, info cma, info chunks, info version (what qmp-shell -H needs)."""
@@ -380,6 +379,8 @@ class MonitorCommands:
         return {"addr": addr, "size": size, "data": base64.b64encode(data).decode("ascii")}
 
 
-def _negotiate(enable: list[str] | None) -> object:
-    """Capabilities negotiation (the server answers it itself; declared for introspection)."""
-    raise AssertionError("qmp_capabilities is handled by the server")
+def _negotiate(enable: list[str]) -> object:
+    """Capabilities negotiation: this monitor offers none (QEMU's ``oob`` included)."""
+    if enable:
+        raise GenericError(f"Capability '{enable[0][:64]}' not available")
+    return {}

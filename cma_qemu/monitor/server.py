@@ -23,7 +23,7 @@ from typing import Final
 from cma_qemu.channel.arguments import Arguments
 from cma_qemu.channel.framing import JsonSplitter, Marker
 from cma_qemu.channel.messages import RequestError, encode_error, encode_return, parse_request
-from cma_qemu.errors import EADDRINUSE, EIO, CmaError, GenericError
+from cma_qemu.errors import EADDRINUSE, EIO, CmaError
 from cma_qemu.framework import Chunk, Cma, CmaEvent
 from cma_qemu.monitor.commands import MemoryReader, MonitorCommands
 from cma_qemu.monitor.events import CMA_GUEST_RESET, from_cma_event, guest_reset_data
@@ -256,7 +256,7 @@ class Monitor:
                     has_id,
                 )
             try:
-                self._check_capabilities(args)
+                self.commands.capabilities(args)
             except CmaError as err:
                 return encode_error(err, f"qmp_capabilities: {err}", rid, has_id)
             client.negotiated = True
@@ -285,10 +285,3 @@ class Monitor:
                 EIO(str(err)), f"{name}: internal error: {type(err).__name__}: {err}", rid, has_id
             )
         return encode_return(value, rid, has_id)
-
-    @staticmethod
-    def _check_capabilities(args: Arguments) -> None:
-        enable = args.strings("enable")
-        args.done()
-        if enable:
-            raise GenericError(f"Capability '{enable[0]}' not available")
