@@ -4,7 +4,7 @@ The DTB is built the way ``Machine`` builds it before a launch: QEMU's own tree
 (``dumpdtb``) on the virt boards, the guest image's Exynos tree on smdkc210 (with the UARTs'
 DMA dropped), then one ``/reserved-memory`` child per region the board file places.
 
-Two runs per board:
+Two runs, each over all four DTBs:
 
 * with ``-l reserved-memory`` (only the reserved-memory bindings, ``shared-dma-pool.yaml``
   among them): no report at all, nothing filtered;
@@ -79,6 +79,7 @@ NO_BINDING: dict[str, list[NoBinding]] = {
     ],
 }
 NO_BINDING["aquila"] = NO_BINDING["goni"] = NO_BINDING["virt"]
+Report = dict[str, object]
 
 
 def board_dtb(board: Board) -> tuple[bytes, list[tuple[str | None, int, int]]]:
@@ -101,23 +102,33 @@ def board_dtb(board: Board) -> tuple[bytes, list[tuple[str | None, int, int]]]:
     return add_reserved_memory(dtb, reservations), reservations
 
 
-def validate(dtb: bytes, tmp_path: Path, *limit: str) -> list[dict[str, object]]:
-    """dt-validate's reports on ``dtb`` (its JSON diagnostics)."""
-    path = tmp_path / "board.dtb"
-    path.write_bytes(dtb)
+def validate(dtbs: dict[str, bytes], tmp_path: Path, *limit: str) -> dict[str, list[Report]]:
+    """dt-validate's reports (its JSON diagnostics) per board, from one run over all DTBs.
+
+    One run: dt-validate spends most of its time loading the schemas.
+    """
+    paths = {}
+    for board, dtb in dtbs.items():
+        paths[board] = tmp_path / f"{board}.dtb"
+        paths[board].write_bytes(dtb)
     report = tmp_path / "report.json"
     args = [str(DT_VALIDATE), "--json-output", str(report)]
     if limit:
         args += ["-l", ":".join(limit)]
-    proc = subprocess.run([*args, str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*args, *map(str, paths.values())], capture_output=True, text=True, check=False
+    )
     assert report.exists(), proc.stderr
-    reports: list[dict[str, object]] = json.loads(report.read_text())
-    # the JSON and the human output agree (the run did look at the tree)
+    reports: list[Report] = json.loads(report.read_text())
+    # the JSON and the human output agree (the run did look at the trees)
     assert len(reports) == proc.stderr.count("\n\tfrom schema $id:"), proc.stderr
-    return reports
+    by_board: dict[str, list[Report]] = {board: [] for board in dtbs}
+    for item in reports:
+        by_board[Path(str(item["file"])).stem].append(item)
+    return by_board
 
 
-def unexplained(board: str, reports: list[dict[str, object]]) -> tuple[list[str], list[str]]:
+def unexplained(board: str, reports: list[Report]) -> tuple[list[str], list[str]]:
     """(reports no filter explains, filters that explain nothing) for ``board``."""
     left, used = [], set()
     for report in reports:
@@ -134,47 +145,62 @@ def unexplained(board: str, reports: list[dict[str, object]]) -> tuple[list[str]
     return left, unused
 
 
-@pytest.fixture(scope="module", params=BOARDS)
-def patched(request: pytest.FixtureRequest) -> tuple[str, bytes, list[tuple[str | None, int, int]]]:
-    dtb, reservations = board_dtb(load_board(request.param))
-    return request.param, dtb, reservations
+Reservations = list[tuple[str | None, int, int]]
 
 
-def test_reserved_memory_bindings_pass(
-    patched: tuple[str, bytes, list[tuple[str | None, int, int]]], tmp_path: Path
-) -> None:
-    _, dtb, reservations = patched
+@dataclass(frozen=True)
+class Validated:
+    """Every board's patched DTB, its regions, and dt-validate's reports on it."""
+
+    dtbs: dict[str, bytes]
+    reservations: dict[str, Reservations]
+    reserved_memory: dict[str, list[Report]]  # with -l reserved-memory
+    everything: dict[str, list[Report]]  # with all of dtschema's schemas
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> Validated:
+    dtbs, reservations = {}, {}
+    for board in BOARDS:
+        dtbs[board], reservations[board] = board_dtb(load_board(board))
+    tmp = tmp_path_factory.mktemp("dtbs")
+    return Validated(
+        dtbs,
+        reservations,
+        validate(dtbs, tmp, "reserved-memory"),
+        validate(dtbs, tmp),
+    )
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_reserved_memory_bindings_pass(validated: Validated, board: str) -> None:
+    reservations = validated.reservations[board]
     assert reservations
-    tree = fdt.parse_dtb(dtb)
+    tree = fdt.parse_dtb(validated.dtbs[board])
     for name, start, _ in reservations:  # the nodes are there, carrying the names
         assert tree.exist_node(f"{RESERVED_MEMORY}/{node_name(name, start)}")
-    assert validate(dtb, tmp_path, "reserved-memory") == []
+    assert validated.reserved_memory[board] == []
 
 
-def test_whole_tree_has_only_the_listed_reports(
-    patched: tuple[str, bytes, list[tuple[str | None, int, int]]], tmp_path: Path
-) -> None:
-    board, dtb, _ = patched
-    reports = validate(dtb, tmp_path)
+@pytest.mark.parametrize("board", BOARDS)
+def test_whole_tree_has_only_the_listed_reports(validated: Validated, board: str) -> None:
+    reports = validated.everything[board]
     assert unexplained(board, reports) == ([], [])  # and every filter is still needed
     assert not [r for r in reports if str(r["node"]).startswith(RESERVED_MEMORY)]
 
 
-def test_the_check_can_fail(
-    patched: tuple[str, bytes, list[tuple[str | None, int, int]]], tmp_path: Path
-) -> None:
+def test_the_check_can_fail(validated: Validated, tmp_path: Path) -> None:
     """A property the binding does not allow (what nodes carried before) is reported."""
-    board, dtb, reservations = patched
-    tree = fdt.parse_dtb(dtb)
-    name, start, _ = reservations[0]
-    node = tree.get_node(f"{RESERVED_MEMORY}/{node_name(name, start)}")
-    node.append(fdt.PropStrings("cma-qemu,name", name or "cma"))
-    reports = validate(tree.to_dtb(version=17), tmp_path, "reserved-memory")
-    assert [(r["node"], r["schema"]) for r in reports] == [
-        (
-            f"{RESERVED_MEMORY}/{node_name(name, start)}",
-            "http://devicetree.org/schemas/reserved-memory/shared-dma-pool.yaml",
-        )
-    ]
-    assert "'cma-qemu,name' was unexpected" in str(reports[0]["message"])
-    assert unexplained(board, reports)[0]  # and no filter hides it
+    broken, nodes = {}, {}
+    for board in ("virt", "smdkc210"):  # 2/2 and 1/1 cells
+        tree = fdt.parse_dtb(validated.dtbs[board])
+        name, start, _ = validated.reservations[board][0]
+        nodes[board] = f"{RESERVED_MEMORY}/{node_name(name, start)}"
+        tree.get_node(nodes[board]).append(fdt.PropStrings("cma-qemu,name", name or "cma"))
+        broken[board] = tree.to_dtb(version=17)
+    for board, reports in validate(broken, tmp_path, "reserved-memory").items():
+        assert [(r["node"], r["schema"]) for r in reports] == [
+            (nodes[board], "http://devicetree.org/schemas/reserved-memory/shared-dma-pool.yaml")
+        ]
+        assert "'cma-qemu,name' was unexpected" in str(reports[0]["message"])
+        assert unexplained(board, reports)[0]  # and no filter hides it
