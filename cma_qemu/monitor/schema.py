@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import keyword
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cma_qemu.channel.arguments import Arguments
 
@@ -128,7 +128,6 @@ class Command:
     handler: Callable[..., object]
     args: tuple[Member, ...] = ()
     returns: str = EMPTY
-    doc: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         params = set(inspect.signature(self.handler).parameters)
@@ -144,17 +143,10 @@ class Command:
                 if member.optional
                 else Arguments({member.name: _SAMPLE.get(member.type)})
             )
-        if not self.doc:
-            object.__setattr__(self, "doc", inspect.getdoc(self.handler) or "")
 
     @property
     def arg_type(self) -> str:
         return f"q_obj_{self.name}-arg" if self.args else EMPTY
-
-    @property
-    def summary(self) -> str:
-        """The doc's first line (``help`` text)."""
-        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
 
     def __call__(self, args: Arguments) -> object:
         """Decode, reject leftovers (before any state changes), then run. O(len(args))."""
