@@ -627,7 +627,8 @@ class Cma:
                 continue
             chunk = self._alloc_in(region, requested, size, alignment, owner)
             if chunk is not None:
-                self._emit(AllocEvent(chunk, dev, kind, alignment, names))
+                if self._listeners or self._change_listeners:  # no event object for no one
+                    self._emit(AllocEvent(chunk, dev, kind, alignment, names))
                 return chunk
         where = ", ".join(names) if names else "an empty region list"
         error = ENOMEM(f"no room for {size:#x} bytes (alignment {alignment:#x}) in {where}")
@@ -674,7 +675,8 @@ class Cma:
         region.users -= 1
         region.release_pages_success += chunk.size // PAGE_SIZE
         chunk.refcount = 0
-        self._emit(FreeEvent(chunk))
+        if self._listeners or self._change_listeners:
+            self._emit(FreeEvent(chunk))
 
     def restore_chunk(
         self,

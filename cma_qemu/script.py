@@ -42,6 +42,9 @@ _SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30}
 
 def parse_number(token: str, *, suffix: bool = True) -> int | None:
     """memparse of a whole token (no sign, must start with a digit); None when invalid."""
+    if token.isdigit() and token.isascii() and token[0] != "0":  # plain decimal: most input
+        value = int(token)
+        return value if value <= _U64 else None
     match = _NUMBER.fullmatch(token)
     if match is None or (match.group(2) and not suffix):
         return None
@@ -186,6 +189,11 @@ class LiveChunks:
         return chunk_id in self._chunks
 
 
+#: A line of at most this many characters is at most MAX_LINE bytes (4 bytes a character at
+#: most), so the common short line skips the encode.
+_SHORT_LINE = MAX_LINE // 4
+
+
 def _byte_length(text: str) -> int:
     """Bytes of ``text`` as the stub sees it: undecodable input bytes (read back as
     surrogateescape) count one each; any other lone surrogate, which only a Python caller
@@ -201,6 +209,8 @@ def _split_dev(token: str) -> tuple[str, str]:
     if not slash:
         dev, kind = token, ""
     # char[17] in the request: the limit is in bytes, as the stub's strlen() counts.
+    if len(token) <= MAX_NAME and token.isascii():
+        return dev, kind
     if _byte_length(dev) > MAX_NAME or _byte_length(kind) > MAX_NAME:
         raise _LineError("EINVAL", "name or kind too long")
     return dev, kind
@@ -277,20 +287,25 @@ class ScriptRunner:
 
     def run_line(self, line: str) -> None:
         """Run one line (without its newline)."""
-        if _byte_length(line) > MAX_LINE:
+        if len(line) > _SHORT_LINE and _byte_length(line) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")
             return
-        line = line.partition("\0")[0]  # the stub's C strings end at a NUL
+        if "\0" in line:
+            line = line.partition("\0")[0]  # the stub's C strings end at a NUL
         stripped = line.lstrip(" \t")
-        if stripped.startswith("#"):
-            return
-        if not stripped.strip(" \t"):
+        if not stripped:
             if self.previous is None:
                 return
             stripped = self.previous
+        elif stripped[0] == "#":
+            return
         self.previous = stripped
         # Tokens are separated by spaces and tabs only, as in the stub (not "\r", "\v", ...).
-        words = [word for word in re.split(r"[ \t]+", stripped) if word]
+        if "\t" in stripped:
+            stripped = stripped.replace("\t", " ")
+        words = stripped.split(" ")
+        if "" in words:
+            words = [word for word in words if word]
         command, args = words[0], words[1:]
         handler = self._commands.get(command)
         if handler is None:
