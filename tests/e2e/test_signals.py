@@ -105,6 +105,13 @@ def _shm() -> set[Path]:
     return set(SHM.glob("cma-qemu-*"))
 
 
+def _new_shm(before: set[Path]) -> set[Path]:
+    """RAM files in /dev/shm since ``before`` that no running process names (another test
+    session, or an older version, may be booting a board meanwhile)."""
+    names = " ".join(" ".join(_cmdline(int(p.name))) for p in Path("/proc").glob("[0-9]*"))
+    return {p for p in _shm() - before if p.exists() and str(p) not in names}
+
+
 @dataclass
 class Agent:
     """A ``cma-qemu`` (or pytest) process and the QEMU, files and RAM of its board."""
@@ -138,7 +145,7 @@ class Agent:
         assert self.ram_path == f"/proc/{self.proc.pid}/fd/{self.ram_path.rsplit('/', 1)[1]}"
         assert os.readlink(self.ram_path).startswith("/memfd:cma-qemu-")
         assert self.runtime_dir.is_dir() and (self.runtime_dir / rundir.OWNER_FILE).is_file()
-        assert _shm() - self.shm_before == set()
+        assert _new_shm(self.shm_before) == set()
 
     def files(self) -> list[Path]:
         paths = [self.runtime_dir]
@@ -249,10 +256,42 @@ def test_boot_stops_cleanly_on(signum: signal.Signals, boot_sleeping: Callable[[
     _, stderr = agent.proc.communicate(timeout=10)
     assert agent.proc.returncode == 128 + signum
     assert stderr == f"cma-qemu: terminated by {signum.name}\n"
-    assert not _alive(agent.qemu_pid) and _gone(files)() and _shm() - agent.shm_before == set()
+    assert not _alive(agent.qemu_pid) and _gone(files)() and _new_shm(agent.shm_before) == set()
     # the agent removed them itself: they were gone when it had exited
     assert seen["QEMU gone"] <= seen["agent exit"] and seen["files gone"] <= seen["agent exit"]
     _report(f"boot, agent {signum.name}", **{k.replace(" ", "_"): v for k, v in seen.items()})
+
+
+def test_demo_stops_cleanly_on_sigterm() -> None:
+    shm = _shm()
+    proc = subprocess.Popen(
+        [CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    agent = Agent(proc, shm)
+    try:
+        agent.wait_for_qemu()
+        files = agent.files()
+        assert proc.stdout is not None
+        for line in proc.stdout:  # booted, reservations verified: the demo proper begins
+            if "cma-qemu demo" in line:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        seen = _watch(
+            t0,
+            {
+                "QEMU gone": lambda: not _alive(agent.qemu_pid),
+                "files gone": _gone(files),
+                "agent exit": lambda: proc.poll() is not None,
+            },
+        )
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 143 and stderr == "cma-qemu: terminated by SIGTERM\n"
+        assert _new_shm(shm) == set()
+        assert seen["QEMU gone"] <= seen["agent exit"] and seen["files gone"] <= seen["agent exit"]
+        _report("demo, agent SIGTERM", **{k.replace(" ", "_"): v for k, v in seen.items()})
+    finally:
+        agent.kill()
 
 
 def test_sigkill_of_the_agent_then_of_qemu(boot_sleeping: Callable[[], Agent]) -> None:
@@ -263,7 +302,7 @@ def test_sigkill_of_the_agent_then_of_qemu(boot_sleeping: Callable[[], Agent]) -
     first.proc.send_signal(signal.SIGKILL)
     qemu = _until("QEMU's exit", lambda: not _alive(first.qemu_pid), t0)
     first.proc.wait(10)
-    assert _shm() - first.shm_before == set()  # RAM: held by the two dead processes only
+    assert _new_shm(first.shm_before) == set()  # RAM: held by the two dead processes only
     assert not Path(first.ram_path).exists()
     left = first.runtime_dir
     assert rundir.owner_alive(left) is False or not left.exists()  # another run may sweep it
@@ -280,7 +319,7 @@ def test_sigkill_of_the_agent_then_of_qemu(boot_sleeping: Callable[[], Agent]) -
     _, stderr = second.proc.communicate(timeout=10)
     assert second.proc.returncode == 1, stderr
     assert "cma-qemu: EIO: console: " in stderr  # the console of the guest command went away
-    assert _gone(files)() and _shm() - second.shm_before == set()
+    assert _gone(files)() and _new_shm(second.shm_before) == set()
     assert seen["files gone"] <= seen["agent exit"]
     _report("boot, QEMU SIGKILL", **{k.replace(" ", "_"): v for k, v in seen.items()})
 
@@ -312,7 +351,7 @@ def test_interactive_console_stops_cleanly_on_sighup() -> None:
         child.wait()
         assert child.exitstatus == 128 + signal.SIGHUP, child.before
         assert "cma-qemu: terminated by SIGHUP" in str(child.before)
-        assert not runtime.exists() and _shm() - shm == set()
+        assert not runtime.exists() and _new_shm(shm) == set()
         _report("boot console, agent SIGHUP", **{k.replace(" ", "_"): v for k, v in seen.items()})
     finally:
         if child.isalive():
@@ -413,7 +452,7 @@ def test_pytest_session_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         out = proc.stdout.read()
         assert proc.returncode == 143, out
         assert "lifecycle.Terminated: 15" in out, out  # pytest's "interrupted" summary
-        assert _gone(files)() and _shm() - shm == set()
+        assert _gone(files)() and _new_shm(shm) == set()
         # (pytest's own exit takes longer: its terminal summary imports hypothesis's reporter)
         _report("pytest plugin, SIGTERM", **{k.replace(" ", "_"): v for k, v in seen.items()})
     finally:
