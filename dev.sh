@@ -5,6 +5,8 @@
 #   ./dev.sh test     install what is missing, build the guest, run lint and the whole suite
 #   ./dev.sh setup    only the installation (apt packages, .venv, guest images)
 #   ./dev.sh fuzz     install like setup, then the fuzz targets at 100,000 cases each
+#   ./dev.sh soak     install like setup, then 200 boot/shutdown cycles with a guest session
+#                     each: fds, threads, RSS and files must not grow (`--cycles N` for fewer)
 #
 # Idempotent: every step checks first and does nothing when it is already done.
 set -euo pipefail
@@ -159,5 +161,6 @@ case "${1:-}" in
     demo) shift; setup; exec "$VENV/bin/cma-qemu" demo "$@" ;;
     test) shift; setup; run_tests "$@" ;;
     fuzz) shift; setup; run_fuzz "$@" ;;
-    *) echo "usage: ./dev.sh {demo|test|setup|fuzz}" >&2; exit 2 ;;
+    soak) shift; setup; exec "$VENV/bin/python" benchmarks/soak.py "$@" ;;
+    *) echo "usage: ./dev.sh {demo|test|setup|fuzz|soak}" >&2; exit 2 ;;
 esac
