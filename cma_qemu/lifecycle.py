@@ -151,6 +151,10 @@ async def _cancelled_by_signals(main: Coroutine[Any, Any, T]) -> T:
         if caught and task.uncancel() == 0:
             raise Terminated(caught[0]) from None
         raise
+    except Exception as error:  # a cleanup failed while unwinding: the signal still ended it
+        if caught:
+            raise Terminated(caught[0]) from error
+        raise
     finally:
         for signum, handler in previous.items():
             loop.remove_signal_handler(signum)

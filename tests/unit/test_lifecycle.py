@@ -64,6 +64,20 @@ def test_a_second_signal_does_not_cut_the_cleanup_short() -> None:
     assert steps == ["cleanup done"] and caught.value.signum == signal.SIGTERM
 
 
+def test_a_cleanup_error_after_a_signal_still_ends_as_terminated() -> None:
+    async def agent() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(30)
+        finally:
+            raise OSError("the socket was gone already")
+
+    with pytest.raises(Terminated) as caught:
+        lifecycle.run(agent())
+    assert caught.value.exit_status == 129
+    assert isinstance(caught.value.__cause__, OSError)
+
+
 def test_run_returns_the_result_without_a_signal() -> None:
     async def agent() -> int:
         await asyncio.sleep(0)
