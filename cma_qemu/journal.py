@@ -28,6 +28,7 @@ times that.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cma_qemu.errors import EINVAL, EIO, CmaError
+from cma_qemu.errors import EBUSY, EINVAL, EIO, CmaError
 from cma_qemu.framework import (
     AllocEvent,
     Chunk,
@@ -242,6 +243,25 @@ def read_journal(path: str | os.PathLike[str]) -> JournalState:
 
 
 # ---------------------------------------------------------------------------- writing
+def _lock(path: Path) -> int:
+    """Hold ``PATH.lock`` exclusively (EBUSY if another agent does), as an open fd.
+
+    Two agents on one journal would each rewrite it from under the other; the kernel drops the
+    lock when its holder dies, even by SIGKILL.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise os_error(err, f"journal {path}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EBUSY("another agent is using it", where=f"journal {path}") from None
+    return fd
+
+
 def _chunk_line(chunk: Chunk) -> str:
     return (
         f"a {chunk.start:x} {chunk.size:x} {chunk.requested:x} {chunk.refcount} "
@@ -265,6 +285,7 @@ class Journal:
         qemu: str,
         *,
         compact_at: int = 4096,
+        lock: int | None = None,
     ) -> None:
         self.cma = cma
         self.path = Path(path)
@@ -276,7 +297,12 @@ class Journal:
         self.compactions = 0
         self._live = 0
         self._fd: int | None = None
-        self._compact()
+        self._lock: int | None = _lock(self.path) if lock is None else lock
+        try:
+            self._compact()
+        except BaseException:
+            self._release_lock()
+            raise
         self._unsubscribe = cma.subscribe_changes(self._on_change)
 
     @classmethod
@@ -296,8 +322,21 @@ class Journal:
         since its guest and chunks are gone. If a chunk cannot be restored, none is.
         """
         where = f"journal {os.fspath(path)}"
-        report = RestoreReport(Path(path))
-        if Path(path).exists():
+        lock = _lock(Path(path))
+        try:
+            report = cls._restore_file(cma, Path(path), identity, qemu, where)
+        except BaseException:
+            os.close(lock)
+            raise
+        # The journal owns the lock from here (and drops it if it cannot start).
+        return cls(cma, path, identity, qemu, compact_at=compact_at, lock=lock), report
+
+    @staticmethod
+    def _restore_file(
+        cma: Cma, path: Path, identity: JournalIdentity, qemu: str, where: str
+    ) -> RestoreReport:
+        report = RestoreReport(path)
+        if path.exists():
             state = read_journal(path)
             differences = state.identity.differences(identity)
             if differences:
@@ -311,7 +350,7 @@ class Journal:
             else:
                 _restore(cma, state, where)
                 report = RestoreReport(Path(path), len(state.chunks), state.truncated, fresh=False)
-        return cls(cma, path, identity, qemu, compact_at=compact_at), report
+        return report
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -320,6 +359,12 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # ------------------------------------------------------------------ writing
     def _write(self, line: str) -> None:

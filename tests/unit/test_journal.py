@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
 from cma_qemu.allocators.bitmap import BitmapAllocator
-from cma_qemu.errors import EADDRINUSE, EINVAL, EIO, ENOMEM
+from cma_qemu.errors import EADDRINUSE, EBUSY, EINVAL, EIO, ENOMEM
 from cma_qemu.framework import Cma, CmaChange, RefcountEvent, SettingEvent
 from cma_qemu.journal import (
     JOURNAL_NAME,
@@ -150,6 +150,11 @@ def open_journal(cma: Cma, path: Path, **kwargs: Any) -> tuple[Journal, RestoreR
     return Journal.open(cma, path, identity(cma), QEMU, **kwargs)
 
 
+def kill(journal: Journal) -> None:
+    """What an agent's death leaves: close() writes nothing; it only drops the fds (and lock)."""
+    journal.close()
+
+
 def test_a_new_agent_gets_back_every_chunk_and_setting(tmp_path: Path) -> None:
     path = tmp_path / JOURNAL_NAME
     first = make()
@@ -162,7 +167,7 @@ def test_a_new_agent_gets_back_every_chunk_and_setting(tmp_path: Path) -> None:
     first.put(held[0].start)
     first.set_asterisk("b,a")
     first.set_map("x/*=b")
-    # No close(): the agent died. What it wrote is in the file already.
+    kill(journal)  # what it wrote is in the file already
     second = make()
     journal2, report = open_journal(second, path)
     assert (report.fresh, report.stale, report.truncated, report.restored) == (
@@ -180,7 +185,6 @@ def test_a_new_agent_gets_back_every_chunk_and_setting(tmp_path: Path) -> None:
     assert all(f.end <= s or e <= f.start for f in fresh for s, e in old)
     second.free(held[1].start)  # the guest frees an old chunk
     assert second.put(held[0].start) is False and second.put(held[0].start) is True
-    journal.close()
     journal2.close()
     third = make()
     open_journal(third, path)[0].close()
@@ -227,8 +231,9 @@ def test_another_board_or_attributes_is_refused_and_the_file_kept(tmp_path: Path
 def test_a_journal_of_an_earlier_qemu_starts_afresh(tmp_path: Path) -> None:
     path = tmp_path / JOURNAL_NAME
     first = make()
-    open_journal(first, path)
+    journal, _ = open_journal(first, path)
     first.alloc("d", "", P, owner="guest:g")
+    kill(journal)
     second = make()
     journal, report = Journal.open(second, path, identity(second), "1:43")
     assert report.stale and "earlier QEMU" in report.describe() and second.chunks == []
@@ -259,6 +264,7 @@ def test_compaction_keeps_the_file_proportional_to_the_state(tmp_path: Path) -> 
         cma.free(cma.alloc("d", "", 2 * P).start)
     assert journal.compactions > 5
     assert len(path.read_text().splitlines()) <= 64 + 2
+    kill(journal)
     again = make()
     open_journal(again, path)
     assert state_of(again) == state_of(cma) and len(keep) == 5
@@ -268,11 +274,12 @@ def test_compaction_keeps_the_file_proportional_to_the_state(tmp_path: Path) -> 
 def test_allocator_choices_come_back(tmp_path: Path) -> None:
     path = tmp_path / JOURNAL_NAME
     cma = make()
-    open_journal(cma, path)
+    journal, _ = open_journal(cma, path)
     b = cma.region("b")
     assert b is not None
     cma.set_region_allocator(b, "bitmap")
     chunk = cma.alloc_from("b", 3 * P, owner="guest:g")
+    kill(journal)
     again = make()
     open_journal(again, path)
     b2 = again.region("b")
@@ -283,8 +290,9 @@ def test_allocator_choices_come_back(tmp_path: Path) -> None:
 def test_a_chunk_that_no_longer_fits_restores_nothing(tmp_path: Path) -> None:
     path = tmp_path / JOURNAL_NAME
     cma = make()
-    open_journal(cma, path)
+    journal, _ = open_journal(cma, path)
     a = cma.alloc("d", "", 2 * P, owner="g")
+    kill(journal)
     with path.open("a") as out:  # a record inside a: a journal written by a bug
         out.write(f'a {a.start + P:x} 1000 1000 1 "g"\n')
     again = make()
@@ -313,7 +321,22 @@ def test_any_history_restores_to_the_same_state(ops: list[tuple[str, int]]) -> N
             elif live:
                 chunk = live[n % len(live)]
                 getattr(cma, op)(chunk.start)
+        kill(journal)
         again = make()
         open_journal(again, path)[0].close()
-        journal.close()
         assert state_of(again) == state_of(cma)
+
+
+def test_one_agent_at_a_time_and_the_lock_goes_with_it(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    cma = make()
+    journal, _ = open_journal(cma, path)
+    cma.alloc("d", "", P, owner="g")
+    other = make()
+    with pytest.raises(EBUSY, match="another agent is using it"):
+        open_journal(other, path)
+    assert other.chunks == [] and len(read_journal(path).chunks) == 1
+    journal.close()
+    again, report = open_journal(other, path)
+    assert report.restored == 1
+    again.close()
