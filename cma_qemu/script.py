@@ -21,6 +21,7 @@ from cma_qemu.framework import Cma, CmaInfo
 
 __all__ = [
     "MAX_LINE",
+    "PROGRESS_EVERY",
     "FrameworkBackend",
     "LiveChunks",
     "ScriptBackend",
@@ -28,6 +29,8 @@ __all__ = [
     "parse_number",
 ]
 
+#: Lines between two calls of :meth:`ScriptRunner.run`'s progress callback.
+PROGRESS_EVERY = 4096
 #: Longest line the stub accepts, without its newline (the 2010 test tool's 1023).
 MAX_LINE = 1023
 #: Longest device or kind name (``char[17]`` in ``struct cma_alloc_request``).
@@ -275,11 +278,24 @@ class ScriptRunner:
                 self._commands[name] = handler
 
     # ------------------------------------------------------------------ input
-    def run(self, text: str) -> None:
-        """Run a whole script; a last line without a newline is reported, not run."""
+    def run(self, text: str, progress: Callable[[int, int], None] | None = None) -> None:
+        """Run a whole script; a last line without a newline is reported, not run.
+
+        ``progress(lines done, lines in all)``, if given, is called after every
+        :data:`PROGRESS_EVERY` lines and at the end, so a caller's progress bar costs nothing
+        per line.
+        """
         lines = text.split("\n")
-        for line in lines[:-1]:
-            self.run_line(line)
+        body = lines[:-1]
+        run_line = self.run_line
+        if progress is None:
+            for line in body:
+                run_line(line)
+        else:
+            for begin in range(0, len(body), PROGRESS_EVERY):
+                for line in body[begin : begin + PROGRESS_EVERY]:
+                    run_line(line)
+                progress(min(begin + PROGRESS_EVERY, len(body)), len(body))
         if _byte_length(lines[-1]) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")  # the stub checks length first
         elif lines[-1]:

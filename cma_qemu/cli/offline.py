@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from cma_qemu.boards import Board, list_boards, load_board
@@ -17,7 +19,7 @@ from cma_qemu.errors import EINVAL, ENOENT
 from cma_qemu.replay import ReplayResult, build_cma, parse_ram, replay
 from cma_qemu.views import human_size
 
-__all__ = ["cmd_boards", "cmd_guest_build", "cmd_replay", "read_script"]
+__all__ = ["ReplayProgress", "cmd_boards", "cmd_guest_build", "cmd_replay", "read_script"]
 
 
 def _stdout() -> Console:
@@ -92,7 +94,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
             asterisk=args.asterisk,
         )
 
-    runs = [replay(script, fresh(), name) for name in args.allocator or [None]]
+    bar = ReplayProgress(Console(stderr=True)) if sys.stderr.isatty() else None
+    runs: list[ReplayResult] = []
+    try:
+        for name in args.allocator or [None]:
+            if bar is not None:
+                bar.begin(f"replay ({name})" if name else "replay")
+            runs.append(replay(script, fresh(), name, bar))
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print(json.dumps({"runs": [_result_json(r) for r in runs]}, indent=2))
         return 0 if all(r.errors == 0 for r in runs) else 1
@@ -102,6 +113,67 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.allocator:
         _print_comparison(runs)
     return 0 if all(r.errors == 0 for r in runs) else 1
+
+
+class ReplayProgress:
+    """A progress bar on stderr for a replay that has run longer than ``delay`` seconds.
+
+    The runner calls it every few thousand lines (``PROGRESS_EVERY`` in cma_qemu/script.py),
+    and it redraws at most every ``interval`` seconds, so a short replay prints nothing and a
+    long one pays nothing per line. The bar is transient: it is gone when the replay ends.
+    The caller decides whether stderr is a terminal.
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        delay: float = 1.0,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.console = console
+        self.delay = delay
+        self.interval = interval
+        self.clock = clock
+        self._began = clock()
+        self._drawn = 0.0
+        self._label = "replay"
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def begin(self, label: str) -> None:
+        """A new replay (one per allocator) starts: a new bar under this label."""
+        self._label = label
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self._progress is None:
+            if now - self._began < self.delay:
+                return
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("lines"),
+                console=self.console,
+                transient=True,
+                auto_refresh=False,
+            )
+            self._progress.start()
+        if self._task is None:
+            self._task = self._progress.add_task(self._label, total=total, completed=done)
+        else:
+            self._progress.update(self._task, completed=done, total=total)
+        if now - self._drawn >= self.interval or done == total:
+            self._drawn = now
+            self._progress.refresh()
+
+    def close(self) -> None:
+        """Remove the bar (if it was ever shown)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def _result_json(result: ReplayResult) -> dict[str, Any]:
@@ -114,6 +186,8 @@ def _result_json(result: ReplayResult) -> dict[str, Any]:
         "failed": result.failed_allocations,
         "errors": result.errors,
         "largest_free": result.largest_free,
+        "free": result.free,
+        "fragmentation": result.fragmentation,
         "regions": [
             {
                 "name": r.name,
@@ -121,6 +195,7 @@ def _result_json(result: ReplayResult) -> dict[str, Any]:
                 "size": r.size,
                 "free": r.free,
                 "largest_free": r.largest_free,
+                "fragmentation": r.fragmentation,
                 "allocator": r.allocator,
             }
             for r in result.regions
@@ -135,9 +210,12 @@ def _print_comparison(runs: Sequence[ReplayResult]) -> None:
     table.add_column("succeeded", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("largest free", justify="right")
+    table.add_column("frag.", justify="right")
     names = [r.name or f"<private@{r.start:#x}>" for r in runs[0].regions]
     for name in names:
         table.add_column(f"free in {name}", justify="right")
+    for name in names:
+        table.add_column(f"frag. {name}", justify="right")
     for run in runs:
         table.add_row(
             run.allocator or "default",
@@ -145,9 +223,16 @@ def _print_comparison(runs: Sequence[ReplayResult]) -> None:
             str(run.succeeded),
             str(run.failed_allocations),
             human_size(run.largest_free),
+            _percent(run.fragmentation),
             *(human_size(r.free) for r in run.regions),
+            *(_percent(r.fragmentation) for r in run.regions),
         )
     _stdout().print(table)
+
+
+def _percent(fraction: float) -> str:
+    """External fragmentation as a percentage (1 - largest free block / total free)."""
+    return f"{fraction * 100:.1f}%"
 
 
 # ---------------------------------------------------------------------------- guest build

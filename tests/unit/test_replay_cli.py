@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
+from rich.console import Console
 
 from cma_qemu.boards import load_board
-from cma_qemu.cli import main
+from cma_qemu.churn import churn_script
+from cma_qemu.cli import main, offline
+from cma_qemu.cli.offline import ReplayProgress
 from cma_qemu.errors import EINVAL
 from cma_qemu.regions import RamBank
-from cma_qemu.replay import build_cma, parse_ram, replay
+from cma_qemu.replay import build_cma, external_fragmentation, parse_ram, replay
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ROOT = DATA.parent.parent
@@ -208,6 +215,8 @@ def test_replay_json(capsys: pytest.CaptureFixture[str]) -> None:
             "failed",
             "errors",
             "largest_free",
+            "free",
+            "fragmentation",
             "regions",
         }
         assert (run["allocations"], run["succeeded"], run["failed"], run["errors"]) == (8, 7, 1, 3)
@@ -220,6 +229,7 @@ def test_replay_json(capsys: pytest.CaptureFixture[str]) -> None:
             "size": 16 * M,
             "free": 12 * M,
             "largest_free": 12 * M,
+            "fragmentation": 0.0,
             "allocator": run["allocator"],
         }
         assert run["largest_free"] == max(r["largest_free"] for r in run["regions"])
@@ -421,3 +431,105 @@ def test_usage_mistakes_are_one_line_too(
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert err.count("\n") == 1 and err.startswith("cma-qemu: EINVAL: ") and "--help" in err
+
+
+# ------------------------------------------------------------------------------ fragmentation
+FRAG_ARGS = ["--cma", "t=1M;u=1M", "--ram", "0x40000000:16M"]
+#: Three 256K chunks in t, the middle one freed: a 256K hole and the 256K tail.
+FRAG_SCRIPT = "a x 256K\na x 256K\na x 256K\nf 2\n"
+
+
+def test_external_fragmentation_definition() -> None:
+    assert external_fragmentation(0, 0) == 0.0  # nothing free: defined as 0
+    assert external_fragmentation(M, M) == 0.0  # one block
+    assert external_fragmentation(M // 4, M) == 0.75
+
+
+def test_replay_json_fragmentation_per_region_and_overall(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "frag.cma"
+    script.write_text(FRAG_SCRIPT)
+    args = ["--allocator", "bf", "--allocator", "bitmap", "--asterisk", "t,u", "--json"]
+    status, out, err = cli(capsys, "replay", str(script), *FRAG_ARGS, *args)
+    assert (status, err) == (0, "")
+    for run in json.loads(out)["runs"]:
+        by_name = {r["name"]: r for r in run["regions"]}
+        assert (by_name["t"]["free"], by_name["t"]["largest_free"]) == (M // 2, M // 4)
+        assert by_name["t"]["fragmentation"] == 0.5
+        assert by_name["u"]["fragmentation"] == 0.0  # untouched: one whole free block
+        assert run["free"] == M + M // 2
+        assert run["fragmentation"] == pytest.approx(1 - M / (M + M // 2))
+
+
+def test_replay_comparison_table_has_fragmentation_columns(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "frag.cma"
+    script.write_text(FRAG_SCRIPT)
+    args = ["--allocator", "bf", "--allocator", "bitmap", "--asterisk", "t,u"]
+    status, out, err = cli(capsys, "replay", str(script), *FRAG_ARGS, *args)
+    assert (status, err) == (0, "")
+    header = next(line for line in out.splitlines() if line.startswith("┃"))
+    columns = [c.strip() for c in header.split("┃")[1:-1]]
+    assert {"frag.", "frag. t", "frag. u"} <= set(columns)
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = dict(zip(columns, (c.strip() for c in row.split("│")[1:-1]), strict=True))
+        assert (cells["frag."], cells["frag. t"], cells["frag. u"]) == ("33.3%", "50.0%", "0.0%")
+
+
+# ------------------------------------------------------------------------------ progress
+BASE = 0x40000000
+
+
+def test_progress_bar_shows_once_the_replay_has_run_a_second() -> None:
+    sink = io.StringIO()
+    ticks = iter([0.0, *[5.0] * 100])  # constructed at 0 s, every later call at 5 s
+    bar = ReplayProgress(Console(file=sink, force_terminal=True, width=100), clock=ticks.__next__)
+    bar.begin("replay (bf)")
+    result = replay(
+        "a x 4K\nf\n" * 3000, build_cma(regions="t=1M", ram=[RamBank(BASE, M)]), None, bar
+    )
+    bar.close()
+    assert result.errors == 0
+    assert "replay (bf)" in sink.getvalue() and "6000/6000" in sink.getvalue()
+
+
+def test_progress_bar_stays_away_from_a_short_replay() -> None:
+    sink = io.StringIO()
+    bar = ReplayProgress(Console(file=sink, force_terminal=True, width=100), clock=lambda: 0.5)
+    replay("a x 4K\nf\n" * 3000, build_cma(regions="t=1M", ram=[RamBank(BASE, M)]), None, bar)
+    bar.close()
+    assert sink.getvalue() == ""
+
+
+def test_no_progress_output_when_stderr_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Even a bar that would show at once stays away: the choice is stderr's isatty.
+    monkeypatch.setattr(offline, "ReplayProgress", functools.partial(ReplayProgress, delay=0.0))
+    script = tmp_path / "long.cma"
+    script.write_text("a x 4K\nf\n" * 5000)
+    status, out, err = cli(
+        capsys, "replay", str(script), "--cma", "t=1M", "--ram", "0x40000000:16M"
+    )
+    assert (status, err) == (0, "")
+    assert out == "1: 0x1000@0x40f00000\n" * 5000
+
+
+def test_progress_bar_on_a_real_terminal(tmp_path: Path) -> None:
+    """A replay of a few seconds under a pty draws the bar on stderr (stdout to /dev/null)."""
+    script = tmp_path / "churn.cma"
+    script.write_text(churn_script(1_000, 100_000))
+    exe = Path(sys.executable).parent / "cma-qemu"
+    command = f"exec {exe} replay {script} --cma t=2G --ram 0x40000000:2G > /dev/null"
+    child = pexpect.spawn("/bin/sh", ["-c", command], encoding="utf-8", timeout=300)
+    child.setwinsize(24, 120)
+    shown = child.read()
+    child.close()
+    assert child.exitstatus == 0, shown
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # colours and cursor moves
+    assert re.search(r"replay ━+.* \d+/201000 lines", plain), plain
+    assert "201000/201000 lines" in plain
