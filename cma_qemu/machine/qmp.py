@@ -687,6 +687,7 @@ async def attach(
     tmp: tempfile.TemporaryDirectory[str] | None = None
     try:
         chardev = await find_channel_chardev(qmp, channel_path, board)
+        rundir.sweep({tempfile.gettempdir(), rundir.default_parent()})  # dead agents' dirs
         tmp = tempfile.TemporaryDirectory(prefix="cma-qemu-attach-")
         os.chmod(tmp.name, 0o700)
         rundir.claim(tmp.name)  # swept by the next start if this process is killed
