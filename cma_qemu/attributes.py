@@ -9,6 +9,7 @@ with the offending position, so a front end can point at it.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "format_memsize",
     "format_regions",
     "match_part",
+    "memparse",
     "parse_asterisk",
     "parse_map",
     "parse_memsize",
@@ -217,47 +219,86 @@ def _without_trailing_newline(text: str) -> int:
 # memparse
 
 
+#: One memparse number: ``0x`` hex, leading-``0`` octal or decimal digits, one optional suffix.
+_MEMSIZE = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
+
+
+def _memsize_value(digits: str, suffix: str) -> int | None:
+    """The value of a :data:`_MEMSIZE` match's groups; None above 2^64-1."""
+    if digits[:2] in ("0x", "0X"):
+        base, body = 16, digits[2:]
+    elif digits[0] == "0":
+        base, body = 8, digits
+    else:
+        base, body = 10, digits
+    significant = body.lstrip("0") or "0"
+    # Check the length first: int() refuses very long digit strings, and they cannot fit.
+    if len(significant) > _MAX_DIGITS[base]:
+        return None
+    value = int(significant, base) << _SUFFIX_SHIFTS.get(suffix, 0)
+    return value if value <= MAX_MEMSIZE else None
+
+
+def memparse(token: str, *, suffix: bool = True) -> int | None:
+    """A whole token read as :func:`parse_memsize` reads it; None unless it is exactly one number.
+
+    For callers that report their own error (the line format, CLI operands). ``suffix=False``
+    refuses ``K``/``M``/``G``. Runtime complexity: O(len(token)).
+    """
+    match = _MEMSIZE.fullmatch(token)
+    if match is None or (match[2] and not suffix):
+        return None
+    return _memsize_value(match[1], match[2])
+
+
 def parse_memsize(text: str, position: int = 0, *, attribute: str = "size") -> tuple[int, int]:
     """Kernel ``memparse`` at ``position``: returns (value, position after it).
 
     ``strtoull`` base 0 (decimal, ``0x`` hex, leading-``0`` octal), then one optional
     ``K``/``M``/``G`` suffix (either case). Parsing stops at the first other character; the
     caller decides whether it may follow. No digits, or a value above 2^64-1, is an error.
+    This is the project's one memparse: :func:`memparse` reads whole tokens with it.
     """
     if not 0 <= position <= len(text):
         raise ValueError(f"position {position} is outside the text (length {len(text)})")
-    sc = _Scanner(attribute, text)
+    match = _MEMSIZE.match(text, position)
+    if match is not None:
+        digits, end = match[1], match.end()
+        following = text[match.end(1) : match.end(1) + 1]  # what stopped the digits
+        hex_prefix_alone = digits == "0" and following in ("x", "X")
+        octal_then_decimal = (
+            digits[:2] not in ("0x", "0X") and digits[0] == "0" and (following in ("8", "9"))
+        )
+        if not hex_prefix_alone and not octal_then_decimal:
+            value = _memsize_value(digits, match[2])
+            if value is not None:
+                return value, end
+    _memsize_error(_Scanner(attribute, text), position)
+
+
+def _memsize_error(sc: _Scanner, position: int) -> NoReturn:
+    """Why there is no valid number at ``position`` (only called when there is none)."""
+    text = sc.text
     sc.pos = position
-    n = len(text)
     if text.startswith(("0x", "0X"), position):
         digits_start = position + 2
-        if digits_start >= n or text[digits_start] not in _HEX_DIGITS:
+        if digits_start >= len(text) or text[digits_start] not in _HEX_DIGITS:
             sc.fail(
                 f"expected a hex digit after {text[position : position + 2]!r}, "
                 f"found {sc.found(digits_start)}",
                 digits_start,
             )
-        base, digits = 16, _HEX_DIGITS
-    elif sc.peek() == "0":
-        digits_start, base, digits = position, 8, _OCT_DIGITS
-    elif sc.peek() in _DEC_DIGITS:
-        digits_start, base, digits = position, 10, _DEC_DIGITS
-    else:
+    elif sc.peek() not in _DEC_DIGITS:
         sc.fail(f"expected a number, found {sc.found()}")
-    end = digits_start
-    while end < n and text[end] in digits:
-        end += 1
-    if base == 8 and end < n and text[end] in "89":
-        sc.fail(f"{text[end]!r} is not an octal digit (a number with a leading 0 is octal)", end)
-    significant = text[digits_start:end].lstrip("0") or "0"
-    # Check the length first: int() refuses very long digit strings, and they cannot fit.
-    value = int(significant, base) if len(significant) <= _MAX_DIGITS[base] else 2**64
-    if end < n and text[end] in _SUFFIX_SHIFTS:
-        value <<= _SUFFIX_SHIFTS[text[end]]
-        end += 1
-    if value > MAX_MEMSIZE:
-        sc.fail("number is too large: the largest value is 0xffffffffffffffff (2^64-1)")
-    return value, end
+    elif sc.peek() == "0":
+        end = position
+        while end < len(text) and text[end] in _OCT_DIGITS:
+            end += 1
+        if end < len(text) and text[end] in "89":
+            sc.fail(
+                f"{text[end]!r} is not an octal digit (a number with a leading 0 is octal)", end
+            )
+    sc.fail("number is too large: the largest value is 0xffffffffffffffff (2^64-1)")
 
 
 def format_memsize(value: int) -> str:
