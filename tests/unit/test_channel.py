@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from cma_helpers import cma_state as state
+from cma_helpers import make_cma
 
 from cma_qemu.channel import MAX_LINE, GuestSession, LineSplitter
 from cma_qemu.channel.framing import OVERSIZED
@@ -15,33 +17,14 @@ from cma_qemu.framework import Cma
 MiB = 1024 * 1024
 
 
-def make_cma() -> Cma:
-    return Cma.from_attributes(
-        regions="a=16M;b=16M",
-        map="dev/*=a;other/*=b",
-        asterisk=None,
-        ram=[(0x40000000, 0x20000000)],
-    )
-
-
 @pytest.fixture
 def cma() -> Cma:
-    return make_cma()
+    return make_cma(map="dev/*=a;other/*=b")
 
 
 @pytest.fixture
 def guest(cma: Cma) -> GuestSession:
     return GuestSession(cma, "guest:one")
-
-
-def state(cma: Cma) -> tuple[object, ...]:
-    """Everything a request could change, for before/after comparisons."""
-    return (
-        [(c.start, c.size, c.owner, c.refcount) for c in cma.chunks],
-        [(r.name, r.free_space, r.users) for r in cma.regions],
-        cma.map_text,
-        cma.asterisk_text,
-    )
 
 
 def replies(session: GuestSession, data: bytes) -> list[dict[str, Any]]:

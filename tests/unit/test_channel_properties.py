@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cma_helpers import cma_state as snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,15 +20,6 @@ def make() -> tuple[Cma, GuestSession, int]:
     session = GuestSession(cma, "guest:p")
     chunk = cma.alloc("dev", "", 4096, owner="guest:p")
     return cma, session, chunk.start
-
-
-def snapshot(cma: Cma) -> object:
-    return (
-        [(c.start, c.size, c.owner, c.refcount) for c in cma.chunks],
-        [(r.name, r.free_space, r.users) for r in cma.regions],
-        cma.map_text,
-        cma.asterisk_text,
-    )
 
 
 def parse_replies(out: bytes) -> list[dict[str, Any]]:

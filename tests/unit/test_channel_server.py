@@ -9,16 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cma_helpers import make_cma
 
 from cma_qemu.channel import ChannelServer, GuestSession
 from cma_qemu.errors import ENOENT, ETIMEDOUT
-from cma_qemu.framework import Chunk, Cma
-
-
-def make_cma() -> Cma:
-    return Cma.from_attributes(
-        regions="a=16M;b=16M", map="dev/*=a", asterisk=None, ram=[(0x40000000, 0x20000000)]
-    )
+from cma_qemu.framework import Chunk
 
 
 class Guest:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cma_helpers import cma_state as snapshot
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
 from cma_qemu.errors import EADDRINUSE, EBUSY, EINVAL, ENOENT, ENOMEM, CmaError
@@ -36,20 +37,6 @@ def make(
     ram: tuple[int, int] = (BASE, 16 * M),
 ) -> Cma:
     return Cma.from_attributes(regions, map, asterisk, ram=[ram])
-
-
-def snapshot(cma: Cma) -> Any:
-    """Everything an error must leave untouched."""
-    return (
-        [
-            (r.label, r.start, r.size, r.free_space, r.users, tuple(r.holes()), r.allocator_name)
-            for r in cma.regions
-        ],
-        [(c.start, c.size, c.requested, c.refcount, c.region.label) for c in cma.chunks],
-        cma.map_text,
-        cma.asterisk_text,
-        [(e.name, e.size, e.start, e.alignment, e.reserved) for e in cma.early_regions],
-    )
 
 
 def unchanged(cma: Cma, call: Callable[[], object], error: type[CmaError]) -> CmaError:

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import pytest
+from cma_helpers import cma_state as snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,15 +57,6 @@ def build(layout: list[tuple[str | None, int, int]], allocator: str) -> Cma:
     cma.set_asterisk(",".join(reversed(named)))
     cma.set_map(f"d0={','.join(named)};d1/k=r1,nosuch;d2=*")
     return cma
-
-
-def snapshot(cma: Cma) -> Any:
-    return (
-        [(r.start, r.free_space, r.users, tuple(r.holes())) for r in cma.regions],
-        [(c.start, c.size, c.refcount) for c in cma.chunks],
-        cma.map_text,
-        cma.asterisk_text,
-    )
 
 
 def check_invariants(cma: Cma, alignments: dict[int, int]) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cma_helpers import cma_state as state
+from cma_helpers import make_cma
 from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.channel import GuestSession
@@ -21,12 +23,6 @@ from cma_qemu.framework import Cma
 from cma_qemu.monitor import MAX_READ, Monitor
 
 MiB = 1024 * 1024
-
-
-def make_cma() -> Cma:
-    return Cma.from_attributes(
-        regions="a=16M;b=16M", map="dev/*=a", asterisk=None, ram=[(0x40000000, 0x20000000)]
-    )
 
 
 @pytest.fixture
@@ -62,15 +58,6 @@ async def qmp(monitor: Monitor, sock_path: Path) -> AsyncIterator[QMPClient]:
 
 async def next_event(qmp: QMPClient) -> Any:
     return await asyncio.wait_for(qmp.events.get(), 5)
-
-
-def state(cma: Cma) -> object:
-    return (
-        [(c.start, c.size, c.owner, c.refcount) for c in cma.chunks],
-        [(r.name, r.free_space, r.users) for r in cma.regions],
-        cma.map_text,
-        cma.asterisk_text,
-    )
 
 
 async def test_socket_is_private(monitor: Monitor, sock_path: Path) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cma_helpers import cma_state, make_cma
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
 from cma_qemu.channel.arguments import Arguments
-from cma_qemu.framework import Cma
 from cma_qemu.monitor import Monitor
 from cma_qemu.monitor.commands import MonitorCommands
 from cma_qemu.monitor.hmp import EOL
@@ -31,28 +31,10 @@ MiB = 1 << 20
 Schema = dict[str, dict[str, Any]]
 
 
-def make_cma() -> Cma:
-    return Cma.from_attributes(
-        regions="a=16M;b=16M;-priv=4M:later",
-        map="dev/*=a",
-        asterisk=None,
-        ram=[(0x40000000, 1 << 29)],
-    )
-
-
 class Later(BestFitAllocator):
     """An allocator registered while the monitor runs ('priv' waits for it)."""
 
     name = "later"
-
-
-def state(cma: Cma) -> object:
-    return (
-        [(c.start, c.size, c.owner, c.refcount) for c in cma.chunks],
-        [(r.name, r.free_space, r.users, r.attached) for r in cma.regions],
-        cma.map_text,
-        cma.asterisk_text,
-    )
 
 
 class Validator:
@@ -129,7 +111,7 @@ async def monitor(tmp_path: Path) -> AsyncIterator[Monitor]:
     async def read_memory(addr: int, size: int) -> bytes:
         return bytes(size)
 
-    mon = Monitor(make_cma(), read_memory=read_memory)
+    mon = Monitor(make_cma(regions="a=16M;b=16M;-priv=4M:later"), read_memory=read_memory)
     await mon.start(tmp_path / "run" / "m.sock")
     yield mon
     await mon.close()
@@ -315,7 +297,7 @@ _WRONG = {
 
 @st.composite
 def wrong_call(draw: st.DrawFn) -> tuple[str, str, dict[str, object]]:
-    commands = MonitorCommands(make_cma())
+    commands = MonitorCommands(make_cma(regions="a=16M;b=16M;-priv=4M:later"))
     name = draw(st.sampled_from(sorted(n for n, c in commands.table.items() if c.args)))
     members = commands.table[name].args
     bad = draw(st.sampled_from([m for m in members if m.type in _WRONG]))
@@ -333,19 +315,19 @@ def test_wrong_argument_types_are_named_and_change_nothing(
     call: tuple[str, str, dict[str, object]],
 ) -> None:
     name, bad, args = call
-    commands = MonitorCommands(make_cma())
+    commands = MonitorCommands(make_cma(regions="a=16M;b=16M;-priv=4M:later"))
     commands.table["cma-alloc"](Arguments({"dev": "dev", "size": MiB}))
-    before = state(commands.cma)
+    before = cma_state(commands.cma, attached=True)
     with pytest.raises(Exception) as caught:
         commands.table[name](Arguments(args))
     error = caught.value
     assert type(error).__name__ == "GenericError", error
     assert getattr(error, "where", None) == f"argument '{bad}'", error
-    assert state(commands.cma) == before
+    assert cma_state(commands.cma, attached=True) == before
 
 
 def test_missing_and_extra_arguments() -> None:
-    commands = MonitorCommands(make_cma())
+    commands = MonitorCommands(make_cma(regions="a=16M;b=16M;-priv=4M:later"))
     with pytest.raises(Exception, match="missing argument 'dev'"):
         commands.table["cma-alloc"](Arguments({"size": MiB}))
     with pytest.raises(Exception, match="unexpected argument 'sizes'"):

@@ -1,0 +1,42 @@
+"""Helpers the unit and fuzz tests share: a small framework, and a snapshot of its state.
+
+A module rather than functions in ``conftest.py``: every ``conftest.py`` outside a package is
+imported as the module ``conftest`` and pytest drops the previous one when it loads the next
+(``tests/fuzz`` has its own), so ``from conftest import ...`` would find whichever came last.
+``tests/conftest.py`` puts this directory on ``sys.path`` and offers the same helpers as
+fixtures.
+"""
+
+from __future__ import annotations
+
+from cma_qemu.framework import Cma
+
+__all__ = ["RAM", "cma_state", "make_cma"]
+
+#: 512 MiB at 0x40000000, the virt board's RAM.
+RAM = (0x40000000, 0x20000000)
+
+
+def make_cma(regions: str = "a=16M;b=16M", map: str = "dev/*=a") -> Cma:
+    """Two 16 MiB regions ``a`` and ``b`` in ``RAM``, the map sending ``dev`` to ``a``."""
+    return Cma.from_attributes(regions=regions, map=map, asterisk=None, ram=[RAM])
+
+
+def cma_state(cma: Cma, *, attached: bool = False) -> tuple[object, ...]:
+    """Everything a failed call must leave as it was: regions, chunks, map, asterisk, early list.
+
+    Regions come first and chunks second (some tests compare just those two). ``attached``
+    adds which allocator each region has attached; it is off by default because a failed
+    allocation may legitimately attach a region's allocator lazily.
+    """
+    return (
+        [
+            (r.label, r.start, r.size, r.free_space, r.users, tuple(r.holes()), r.allocator_name)
+            + ((r.attached,) if attached else ())
+            for r in cma.regions
+        ],
+        [(c.start, c.size, c.requested, c.owner, c.refcount, c.region.label) for c in cma.chunks],
+        cma.map_text,
+        cma.asterisk_text,
+        [(e.name, e.size, e.start, e.alignment, e.reserved) for e in cma.early_regions],
+    )
