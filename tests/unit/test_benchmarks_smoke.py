@@ -101,3 +101,22 @@ def test_memory_helpers(memory: ModuleType) -> None:
     assert memory.parse_size("4096") == 4096
     assert memory.gbps(2_000_000_000, 2.0) == 1.0
     assert memory.spread_gbps(1_000_000_000, [0.5, 1.0, 2.0]) == "0.50-2.00"
+
+
+@pytest.fixture(scope="module")
+def replay_bench() -> ModuleType:
+    return _load("bench_replay")
+
+
+def test_replay_bench_helpers(replay_bench: ModuleType) -> None:
+    assert replay_bench.region_of("t=2G", "0x40000000:2G") == (0x40000000, 2 << 30)
+    out = "1: 0x1000@0x40000000\nalloc: ENOMEM: no room\n12: 0x2a@0x50000000\n"
+    assert replay_bench.allocation_lines(out) == ["1: 0x1000@0x40000000", "12: 0x2a@0x50000000"]
+    best = replay_bench.best([replay_bench.Timing(2.0, 1.0), replay_bench.Timing(3.0, 0.5)])
+    assert (best.wall, best.cpu) == (2.0, 0.5)
+
+
+def test_replay_bench_tiny_run_builds_the_baseline_and_matches(replay_bench: ModuleType) -> None:
+    # N = 100 and 1,000 with 300 rounds: the C++ baseline is compiled, both programs run, and
+    # main() exits non-zero if their allocation lines differ.
+    assert replay_bench.main(["--quick", "--rounds", "300"]) == 0
