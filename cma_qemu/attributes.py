@@ -245,6 +245,9 @@ def memparse(token: str, *, suffix: bool = True) -> int | None:
     For callers that report their own error (the line format, CLI operands). ``suffix=False``
     refuses ``K``/``M``/``G``. Runtime complexity: O(len(token)).
     """
+    if token.isdigit() and token.isascii() and token[0] != "0" and len(token) <= 20:
+        value = int(token)  # plain decimal, most input: no regex (the replay hot path)
+        return value if value <= MAX_MEMSIZE else None
     match = _MEMSIZE.fullmatch(token)
     if match is None or (match[2] and not suffix):
         return None

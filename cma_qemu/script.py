@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
+from cma_qemu.attributes import memparse as parse_number
 from cma_qemu.errors import CmaError
 from cma_qemu.framework import Cma, CmaInfo
 
@@ -37,29 +37,6 @@ MAX_LINE = 1023
 MAX_NAME = 16
 MAX_ID = 2**31 - 1
 MAX_COUNT = 1_000_000
-_U64 = 2**64 - 1
-
-_NUMBER = re.compile(r"(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
-_SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30}
-
-
-def parse_number(token: str, *, suffix: bool = True) -> int | None:
-    """memparse of a whole token (no sign, must start with a digit); None when invalid."""
-    if token.isdigit() and token.isascii() and token[0] != "0":  # plain decimal: most input
-        value = int(token)
-        return value if value <= _U64 else None
-    match = _NUMBER.fullmatch(token)
-    if match is None or (match.group(2) and not suffix):
-        return None
-    digits = match.group(1)
-    if digits[:2] in ("0x", "0X"):
-        value = int(digits[2:], 16)
-    elif digits.startswith("0"):
-        value = int(digits, 8)
-    else:
-        value = int(digits)
-    value <<= _SUFFIX[match.group(2).lower()]
-    return value if value <= _U64 else None
 
 
 class ScriptBackend(Protocol):
