@@ -11,8 +11,8 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient
 from rich.console import Console
 
+from cma_qemu.attributes import memparse
 from cma_qemu.errors import EINVAL, ENOENT, error_class
-from cma_qemu.script import parse_number
 from cma_qemu.views import chunk_table, region_map, region_table, stats_table
 
 __all__ = ["cmd_inspect", "hexdump"]
@@ -81,7 +81,7 @@ async def _run(client: QMPClient, args: argparse.Namespace, console: Console) ->
     elif what == "dump":
         if len(args.operands) != 2:
             raise EINVAL("inspect dump needs ADDR and LEN, for example: dump 0x5df00000 256")
-        addr, size = (parse_number(text) for text in args.operands)
+        addr, size = (memparse(text) for text in args.operands)
         if addr is None or size is None or size == 0:
             raise EINVAL(f"inspect dump: bad ADDR or LEN {' '.join(args.operands)!r}")
         reply = await _execute(client, "cma-read", {"addr": addr, "size": size})
