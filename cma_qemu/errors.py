@@ -26,6 +26,7 @@ __all__ = [
     "CmaError",
     "GenericError",
     "error_class",
+    "from_os_error",
 ]
 
 
@@ -164,3 +165,14 @@ _BY_NAME: dict[str, type[CmaError]] = {
 def error_class(name: str) -> type[CmaError]:
     """The class for an errno name from a protocol reply; unknown names map to ``CmaError``."""
     return _BY_NAME.get(name, CmaError)
+
+
+def from_os_error(error: OSError, where: str) -> CmaError:
+    """An ``OSError`` as the class of its errno name (``CmaError``, shown as EIO, if none)."""
+    name = _errno.errorcode.get(error.errno or 0, "EIO")
+    detail = (
+        f"{error.strerror or error}: {error.filename}"
+        if error.filename
+        else str(error.strerror or error)
+    )
+    return error_class(name)(detail, where=where)

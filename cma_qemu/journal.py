@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cma_qemu.errors import EBUSY, EINVAL, EIO, CmaError
+from cma_qemu.errors import EBUSY, EINVAL, EIO, CmaError, from_os_error
 from cma_qemu.framework import (
     AllocEvent,
     Chunk,
@@ -46,7 +46,6 @@ from cma_qemu.framework import (
     RefcountEvent,
     SettingEvent,
 )
-from cma_qemu.record import os_error
 
 __all__ = [
     "JOURNAL_NAME",
@@ -165,7 +164,7 @@ def qemu_identity(qmp_path: str | os.PathLike[str]) -> str:
     try:
         st = os.stat(qmp_path)
     except OSError as err:
-        raise os_error(err, "journal") from None
+        raise from_os_error(err, "journal") from None
     return f"{st.st_dev}:{st.st_ino}"
 
 
@@ -217,7 +216,7 @@ def read_journal(path: str | os.PathLike[str]) -> JournalState:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise os_error(err, where) from None
+        raise from_os_error(err, where) from None
     text = data.decode("utf-8", "surrogateescape")
     lines = text.split("\n")
     tail = lines.pop()  # "" when the file ends with a newline
@@ -253,7 +252,7 @@ def _lock(path: Path) -> int:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
-        raise os_error(err, f"journal {path}") from None
+        raise from_os_error(err, f"journal {path}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -425,7 +424,7 @@ class Journal:
         except OSError as err:
             with contextlib.suppress(OSError):
                 temporary.unlink()
-            raise os_error(err, f"journal {self.path}") from None
+            raise from_os_error(err, f"journal {self.path}") from None
         if self._fd is not None:
             os.close(self._fd)
         self._fd = new_fd

@@ -15,7 +15,6 @@ complete up to the last request even if the agent is killed.
 
 from __future__ import annotations
 
-import errno
 import os
 import shlex
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from cma_qemu.attributes import PAGE_SIZE
-from cma_qemu.errors import EBUSY, ENOENT, ENOMEM, CmaError, error_class
+from cma_qemu.errors import EBUSY, ENOENT, ENOMEM, from_os_error
 from cma_qemu.framework import (
     AllocEvent,
     AllocFailedEvent,
@@ -36,16 +35,9 @@ from cma_qemu.framework import (
 )
 from cma_qemu.script import MAX_LINE, MAX_NAME, LiveChunks
 
-__all__ = ["Recorder", "RecordingHeader", "RecordingSwitch", "os_error"]
+__all__ = ["Recorder", "RecordingHeader", "RecordingSwitch"]
 
 _BAD_NAME_CHARS: Final = frozenset(" \t\n\r\0")
-
-
-def os_error(err: OSError, where: str) -> CmaError:
-    """An ``OSError`` as the project's error of the same errno name (EIO if there is none)."""
-    name = errno.errorcode.get(err.errno or 0, "EIO")
-    cls = error_class(name)
-    return cls(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), where=where)
 
 
 @dataclass(frozen=True)
@@ -100,7 +92,7 @@ class Recorder:
         try:
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as err:
-            raise os_error(err, "record") from None
+            raise from_os_error(err, "record") from None
         self._write_header(cma.chunks)
         self._unsubscribe: Callable[[], None] | None = cma.subscribe_changes(self._on_change)
 

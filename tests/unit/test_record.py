@@ -17,7 +17,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.boards import load_board
 from cma_qemu.cli import main
-from cma_qemu.errors import ENOENT
+from cma_qemu.errors import ENOENT, CmaError, from_os_error
 from cma_qemu.framework import Cma
 from cma_qemu.monitor import Monitor
 from cma_qemu.record import Recorder, RecordingHeader, RecordingSwitch
@@ -231,3 +231,12 @@ def test_the_record_benchmark_runs_its_agent_side() -> None:
         "journal (sqlite wal)",
     }
     assert all(pair > alloc > 0 for pair, alloc in figures.values())
+
+
+def test_os_errors_keep_their_errno_name_where_the_hierarchy_has_it() -> None:
+    missing = from_os_error(FileNotFoundError(2, "No such file or directory", "/x"), "record")
+    assert isinstance(missing, ENOENT)
+    assert str(missing) == "record: No such file or directory: /x"
+    denied = from_os_error(PermissionError(13, "Permission denied"), "journal j")
+    assert type(denied) is CmaError and denied.errno_name == "EIO"
+    assert str(denied) == "journal j: Permission denied"
