@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 from hypothesis import settings
 
 from cma_qemu.errors import CmaError, error_class
+from cma_qemu.regions import RamBank
 
-__all__ = ["PROFILE", "HangError", "check_error", "count_case", "fuzz", "no_hang"]
+__all__ = ["PROFILE", "HangError", "check_error", "count_case", "fuzz", "no_hang", "ram_spans"]
 
 #: ``fuzz-quick`` (the default test run) or ``fuzz`` (``./dev.sh fuzz``: 100,000 cases).
 PROFILE = os.environ.get("CMA_QEMU_FUZZ_PROFILE", "fuzz-quick")
@@ -113,3 +114,14 @@ def check_error(error: BaseException) -> CmaError:
     text = str(error)
     assert text and "\n" not in text, f"not one line: {text!r}"
     return error
+
+
+def ram_spans(banks: tuple[RamBank, ...]) -> list[tuple[int, int]]:
+    """Banks that touch merged into one span, as placement treats them (memblock does too)."""
+    spans: list[tuple[int, int]] = []
+    for bank in sorted(banks, key=lambda b: b.base):
+        if spans and spans[-1][1] == bank.base:
+            spans[-1] = (spans[-1][0], bank.end)
+        else:
+            spans.append((bank.base, bank.end))
+    return spans

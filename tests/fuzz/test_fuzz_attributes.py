@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from fuzzing import check_error, fuzz, no_hang
+from fuzzing import check_error, fuzz, no_hang, ram_spans
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import asterisk_texts, map_texts, regions_texts
@@ -36,12 +36,13 @@ KEEP_FREE = [(), (ReservedRange("the kernel", BASE, 2 * M),)]
 
 
 def _placed_within(cma: Cma, banks: tuple[RamBank, ...], keep: tuple[ReservedRange, ...]) -> None:
+    spans = ram_spans(banks)
     regions = cma.regions
     for left, right in itertools.pairwise(regions):
         assert left.end <= right.start
     for region in regions:
         assert region.start % PAGE_SIZE == 0 and region.size % PAGE_SIZE == 0
-        assert any(b.base <= region.start and region.end <= b.end for b in banks)
+        assert any(low <= region.start and region.end <= high for low, high in spans)
         assert all(region.end <= k.start or k.end <= region.start for k in keep)
         assert region.free_space == region.size and region.users == 0
 

@@ -49,6 +49,7 @@ def test_script_lines(lines: list[str], allocator: str) -> None:
     assert isinstance(backend, FrameworkBackend)
     cma = backend.cma
     for line in lines:
+        line = line.replace("\n", " ")  # (run_line takes one line, without its newline)
         before = snapshot(cma)
         err_at = err.tell()
         with no_hang():
