@@ -21,6 +21,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
 from cma_qemu.channel.arguments import Arguments
+from cma_qemu.errors import GenericError
 from cma_qemu.monitor import Monitor
 from cma_qemu.monitor.commands import MonitorCommands
 from cma_qemu.monitor.hmp import EOL
@@ -318,19 +319,17 @@ def test_wrong_argument_types_are_named_and_change_nothing(
     commands = MonitorCommands(make_cma(regions="a=16M;b=16M;-priv=4M:later"))
     commands.table["cma-alloc"](Arguments({"dev": "dev", "size": MiB}))
     before = cma_state(commands.cma, attached=True)
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(GenericError) as caught:
         commands.table[name](Arguments(args))
-    error = caught.value
-    assert type(error).__name__ == "GenericError", error
-    assert getattr(error, "where", None) == f"argument '{bad}'", error
+    assert caught.value.where == f"argument '{bad}'", caught.value
     assert cma_state(commands.cma, attached=True) == before
 
 
 def test_missing_and_extra_arguments() -> None:
     commands = MonitorCommands(make_cma(regions="a=16M;b=16M;-priv=4M:later"))
-    with pytest.raises(Exception, match="missing argument 'dev'"):
+    with pytest.raises(GenericError, match="missing argument 'dev'"):
         commands.table["cma-alloc"](Arguments({"size": MiB}))
-    with pytest.raises(Exception, match="unexpected argument 'sizes'"):
+    with pytest.raises(GenericError, match="unexpected argument 'sizes'"):
         commands.table["cma-alloc"](Arguments({"dev": "dev", "size": MiB, "sizes": 1}))
     assert commands.cma.chunks == []
 
