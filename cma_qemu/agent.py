@@ -30,7 +30,7 @@ from cma_qemu.journal import JOURNAL_NAME, Journal, JournalIdentity, RestoreRepo
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
-from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, uart_rx_level
+from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, chardevs, uart_rx_level
 from cma_qemu.monitor import Monitor
 from cma_qemu.record import RecordingHeader, RecordingSwitch
 from cma_qemu.replay import build_cma
@@ -244,7 +244,28 @@ class Agent:
             await machine.close()
             raise
         agent.restore = report
+        if report is not None and report.restored:
+            try:
+                await agent._release_if_port_closed()
+            except BaseException:
+                await agent.close()
+                raise
         return agent
+
+    async def _release_if_port_closed(self) -> None:
+        """A virtio port the guest closed while no agent was attached took its chunks along.
+
+        The journal cannot have seen that ``VSERPORT_CHANGE``; QEMU's ``frontend-open`` for
+        the channel's chardev says whether a guest program holds the port now.
+        """
+        machine = self.machine
+        if not isinstance(machine, AttachedMachine) or self.board.channel.kind != "virtio-serial":
+            return
+        label = machine.channel_chardev.label
+        now = next((c for c in await chardevs(machine.qmp) if c.label == label), None)
+        if now is not None and not now.frontend_open:
+            released = self.channel.port_closed(self.port)
+            log.info("guest port closed while detached: released %d chunk(s)", len(released))
 
     @classmethod
     async def _serve(

@@ -20,6 +20,7 @@ from qemu.qmp import QMPClient
 from test_attach import CLI, Qemu, _read_json, qemu
 
 from cma_qemu.channel import ChannelServer
+from cma_qemu.journal import read_journal
 
 pytestmark = [pytest.mark.e2e]
 
@@ -146,3 +147,37 @@ async def test_a_killed_agent_comes_back_with_the_guest_chunks(qemu: Qemu, tmp_p
                 proc.wait()
     assert qemu.child.isalive()
     assert os.path.exists(state)  # kept for the next agent
+
+
+async def test_a_port_closed_while_no_agent_was_attached_gives_the_chunks_back(
+    qemu: Qemu, tmp_path: Path
+) -> None:
+    state = tmp_path / "agent.journal"
+    first = _attach(qemu, state)
+    second: subprocess.Popen[str] | None = None
+    try:
+        info = await asyncio.to_thread(_read_json, first, 30)
+        await asyncio.to_thread(
+            qemu.shell, "(echo 'alloc camera 1M'; sleep 600) | cma-test > /dev/null 2>&1 &"
+        )
+        for _ in range(100):
+            if await _chunks(info["monitor"]):
+                break
+            await asyncio.sleep(0.1)
+        assert len(await _chunks(info["monitor"])) == 1
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        # The stub dies while nobody serves the port: nothing frees its chunk, the port closes.
+        await asyncio.to_thread(qemu.shell, "kill -9 $(pidof cma-test); kill $(pidof sleep)")
+        second = _attach(qemu, state)
+        info = await asyncio.to_thread(_read_json, second, 30)
+        assert info["restore"]["restored"] == 1  # the journal still had it ...
+        assert await _chunks(info["monitor"]) == []  # ... but no guest program holds it now
+        assert read_journal(state).chunks == {}
+        _, err = await asyncio.to_thread(_stop, second)
+        assert second.returncode in (0, 130), err
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
