@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 from typing import Any
@@ -13,6 +12,7 @@ from rich.console import Console
 
 from cma_qemu.attributes import memparse
 from cma_qemu.errors import EINVAL, ENOENT, error_class
+from cma_qemu.lifecycle import run
 from cma_qemu.views import chunk_table, region_map, region_table, stats_table
 
 __all__ = ["cmd_inspect", "hexdump"]
@@ -114,4 +114,4 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise EINVAL(f"inspect: unknown {args.what!r} (one of: {', '.join(_WHAT)})")
     if args.what != "dump" and args.operands:
         raise EINVAL(f"inspect {args.what} takes no operands")
-    return asyncio.run(_inspect(args))
+    return run(_inspect(args))  # SIGTERM/SIGHUP end `watch` like Ctrl-C
