@@ -28,8 +28,9 @@ def _hmp(child: pexpect.spawn[str], line: str) -> list[str]:
     return [line for line in lines if line.strip()]  # qmp-shell ends its output with " "
 
 
-def test_hmp_shell_sees_the_guest_chunk(agent: SyncAgent, guest: Guest) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb", "HOME": "/"}
+def test_hmp_shell_sees_the_guest_chunk(agent: SyncAgent, guest: Guest, tmp_path: Path) -> None:
+    # qmp-shell keeps its history in ~/.qmp-shell_history: a HOME of the test's own
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb", "HOME": str(tmp_path)}
     child = pexpect.spawn(
         str(QMP_SHELL), ["-H", agent.monitor_path], encoding="utf-8", timeout=30, env=env
     )

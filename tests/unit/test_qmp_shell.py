@@ -56,8 +56,9 @@ def served(tmp_path: Path) -> Iterator[tuple[Monitor, Path]]:
 class Shell:
     """One qmp-shell process: send a line, get what it printed before the next prompt."""
 
-    def __init__(self, socket: Path, *options: str) -> None:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb", "HOME": "/"}
+    def __init__(self, socket: Path, home: Path, *options: str) -> None:
+        # qmp-shell keeps its history in ~/.qmp-shell_history: a HOME of the test's own
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb", "HOME": str(home)}
         self.child = pexpect.spawn(
             str(QMP_SHELL), [*options, str(socket)], encoding="utf-8", timeout=20, env=env
         )
@@ -87,15 +88,15 @@ class Shell:
 
 
 @pytest.fixture
-def shell(served: tuple[Monitor, Path]) -> Iterator[Shell]:
-    sh = Shell(served[1])
+def shell(served: tuple[Monitor, Path], tmp_path: Path) -> Iterator[Shell]:
+    sh = Shell(served[1], tmp_path)
     yield sh
     assert sh.close() == 0
 
 
 @pytest.fixture
-def hmp_shell(served: tuple[Monitor, Path]) -> Iterator[Shell]:
-    sh = Shell(served[1], "-H")
+def hmp_shell(served: tuple[Monitor, Path], tmp_path: Path) -> Iterator[Shell]:
+    sh = Shell(served[1], tmp_path, "-H")
     yield sh
     assert sh.close() == 0
 
