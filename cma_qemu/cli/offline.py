@@ -17,7 +17,6 @@ from rich.table import Table
 from cma_qemu.boards import Board, list_boards, load_board
 from cma_qemu.errors import EINVAL, ENOENT
 from cma_qemu.replay import ReplayResult, build_cma, parse_ram, replay
-from cma_qemu.views import human_size
 
 __all__ = ["ReplayProgress", "cmd_boards", "cmd_guest_build", "cmd_replay", "read_script"]
 
@@ -28,6 +27,8 @@ def _stdout() -> Console:
 
 # ---------------------------------------------------------------------------- boards
 def cmd_boards(args: argparse.Namespace) -> int:
+    from cma_qemu.views import human_size  # views pulls in the monitor layer: not at start-up
+
     boards = list_boards()
     if args.json:
         print(json.dumps([_board_json(b) for b in boards], indent=2))
@@ -204,6 +205,8 @@ def _result_json(result: ReplayResult) -> dict[str, Any]:
 
 
 def _print_comparison(runs: Sequence[ReplayResult]) -> None:
+    from cma_qemu.views import human_size  # views pulls in the monitor layer: not at start-up
+
     table = Table(title="Replay by allocator")
     table.add_column("allocator")
     table.add_column("allocations", justify="right")
