@@ -231,6 +231,8 @@ def test_the_record_benchmark_runs_its_agent_side() -> None:
         "journal (sqlite wal)",
     }
     assert all(pair > alloc > 0 for pair, alloc in figures.values())
+    nan = float("nan")
+    assert module.paired([2.0, 4.0, nan, 9.0], [1.0, 2.0, 3.0, 3.0]) == 2.0  # failed round out
 
 
 def test_os_errors_keep_their_errno_name_where_the_hierarchy_has_it() -> None:
