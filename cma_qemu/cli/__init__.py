@@ -2,7 +2,8 @@
 
 Every user mistake ends as one line on stderr and a non-zero exit; a traceback means a bug.
 Each command lives in the module of its layer: ``offline`` (boards, replay, guest build),
-``machine`` (boot, attach, demo) and ``inspect`` (the monitor's client).
+``machine`` (boot, attach, demo), ``qemu_command`` (a command line for a harness) and
+``inspect`` (the monitor's client).
 """
 
 from __future__ import annotations
@@ -101,6 +102,22 @@ def _parser() -> argparse.ArgumentParser:
         "(default: cma-state.journal beside the QMP socket)",
     )
     att.set_defaults(handler=_lazy("machine", "cmd_attach"))
+
+    qcmd = commands.add_parser(
+        "qemu-command",
+        help="write the patched DTB and RAM file into DIR and print the QEMU command line",
+    )
+    qcmd.add_argument("board", help="board name (see `cma-qemu boards`) or board file")
+    qcmd.add_argument("--cma", metavar="REGIONS", help="regions attribute (like cma=)")
+    qcmd.add_argument("--map", help="map attribute (replaces the board's)")
+    qcmd.add_argument("--asterisk", metavar="LIST", help="asterisk list (replaces the default)")
+    qcmd.add_argument(
+        "--dir", required=True, metavar="DIR", help="where the DTB, RAM file and sockets go"
+    )
+    qcmd.add_argument(
+        "--json", action="store_true", help="argv, sockets, regions and the attach command"
+    )
+    qcmd.set_defaults(handler=_lazy("qemu_command", "cmd_qemu_command"))
 
     ins = commands.add_parser("inspect", help="ask a running agent's monitor (QMP) what it holds")
     ins.add_argument("--monitor", required=True, metavar="SOCK", help="the agent's monitor socket")

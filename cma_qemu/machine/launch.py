@@ -13,7 +13,8 @@ patched DTB. Even SIGKILL of the agent leaves nothing for long:
   it. Reaching the fd through the agent's ``/proc`` entry instead of passing it to QEMU keeps
   the spawn as it is (ptyprocess closes inherited fds) and keeps QEMU's ``mem-path``
   meaningful to another process while the agent runs (``cma-qemu attach`` maps it from
-  there); a harness that starts QEMU itself passes a file of its own to :func:`qemu_command`.
+  there); a harness that starts QEMU itself gets a RAM file of its own in the directory
+  :func:`prepare_launch` fills (``cma-qemu qemu-command``).
   Boot time and mmap reads are the same as with the ``/dev/shm`` file (BENCHMARKS.md);
 * QEMU gets ``PR_SET_PDEATHSIG`` (SIGKILL). The kernel sends it when the *thread* that forked
   QEMU ends, so ``start()`` must run on a thread that lives as long as the machine: the
@@ -94,12 +95,15 @@ __all__ = [
     "GuestImageLike",
     "LaunchFiles",
     "Machine",
+    "PreparedLaunch",
     "console_device",
     "guest_ram",
     "kernel_cmdline",
     "machine_args",
+    "prepare_launch",
     "qemu_command",
     "uses_ram_file",
+    "write_patched_dtb",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,15 +240,15 @@ def qemu_command(
     append: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     qemu: str = QEMU,
+    console: bool = True,
 ) -> list[str]:
-    """The full QEMU argv (``argv[0]`` is ``qemu``)."""
+    """The full QEMU argv (``argv[0]`` is ``qemu``); the console on stdio unless not ``console``."""
+    stdio = ["-chardev", f"stdio,id={CONSOLE_CHARDEV},signal=off"]
+    stdio += ["-serial", f"chardev:{CONSOLE_CHARDEV}"]
     return [
         qemu,
         *machine_args(board, files.ram_file),
-        "-chardev",
-        f"stdio,id={CONSOLE_CHARDEV},signal=off",
-        "-serial",
-        f"chardev:{CONSOLE_CHARDEV}",
+        *(stdio if console else []),
         *channel_args(board, files.channel_socket),
         "-qmp",
         f"unix:{_opt(files.qmp_socket)},server=on,wait=off",
@@ -258,6 +262,106 @@ def qemu_command(
         kernel_cmdline(board, append),
         *extra_args,
     ]
+
+
+def write_patched_dtb(
+    board: BoardLike,
+    image: GuestImageLike,
+    files: LaunchFiles,
+    reservations: Sequence[Reservation],
+    *,
+    compatible: str | None = "shared-dma-pool",
+    qemu: str = QEMU,
+) -> list[LoadedRange]:
+    """Write ``files.dtb``: the board's tree with ``/reserved-memory``; the loader's ranges.
+
+    Raises (and writes nothing) when the guest files are missing or a reservation overlaps
+    what QEMU's loader places (kernel, initrd, DTB): ``EADDRINUSE``, as at boot. Cost: one
+    ``qemu-system-arm -M ...,dumpdtb`` run on virt (about 0.1 s), a file read on smdkc210.
+    """
+    base, total, _ = ram_extent(board)
+    for p in (image.kernel, image.initrd):
+        if not Path(p).is_file():
+            raise ENODEV(f"guest file {p} is missing; run `cma-qemu guest build`")
+    if board.machine_type == "virt":
+        dtb = dump_qemu_dtb(machine_args(board, files.ram_file), qemu=qemu)
+    else:
+        if image.dtb is None or not Path(image.dtb).is_file():
+            raise ENODEV(f"the guest image has no device tree for {board.machine_type}")
+        dtb = Path(image.dtb).read_bytes()
+        # The console (UART0) and a UART channel receive through the UART's FIFO only.
+        dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{console_device(board)}"))
+        if board.channel.kind == "uart":
+            dtb = drop_uart_dma(dtb, _uart_index(board.channel.name))
+    patched = add_reserved_memory(dtb, reservations, compatible=compatible)
+    loaded = loader_ranges(
+        board.machine_type,
+        base,
+        total,
+        Path(image.kernel),
+        Path(image.initrd),
+        dtb_load_size(len(patched)),
+    )
+    check_reservations(loaded, reservations)
+    files.dtb.write_bytes(patched)
+    return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedLaunch:
+    """A QEMU command line and the files it needs, for a harness that starts QEMU itself."""
+
+    argv: list[str]
+    files: LaunchFiles
+    loaded: list[LoadedRange]
+
+
+def prepare_launch(
+    board: BoardLike,
+    reservations: Sequence[Reservation],
+    directory: Path,
+    *,
+    image: GuestImageLike | None = None,
+    console: bool = True,
+    qemu: str = QEMU,
+) -> PreparedLaunch:
+    """Write into ``directory`` what QEMU needs and return the argv that starts it; no spawn.
+
+    Unlike a :class:`Machine`, nothing here belongs to this process: guest RAM (virt) is the
+    file ``guest.ram`` in ``directory`` (sparse, mode 0600), so the argv runs as is from any
+    process of this user, and the harness removes the directory when QEMU is gone. Without
+    ``console`` the argv has no serial console (a harness such as labgrid adds its own as
+    the first ``-serial``). The reservations are checked against the loader as at boot.
+    Cost: :func:`write_patched_dtb`, plus creating the (sparse) RAM file.
+    """
+    made_dir = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    if image is None:
+        from cma_qemu.guest_image import find_guest
+
+        image = find_guest(board.kernel_flavour)
+    ram_file = directory / "guest.ram" if uses_ram_file(board) else None
+    files = LaunchFiles.in_dir(directory, ram_file)
+    created = False
+    if ram_file is not None and not ram_file.exists():
+        _, total, _ = ram_extent(board)
+        fd = os.open(ram_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        created = True
+        try:
+            os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+    try:
+        loaded = write_patched_dtb(board, image, files, reservations, qemu=qemu)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if created and ram_file is not None:
+                ram_file.unlink()
+            if made_dir:
+                directory.rmdir()
+        raise
+    argv = qemu_command(board, image, files, qemu=qemu, console=console)
+    return PreparedLaunch(argv, files, loaded)
 
 
 def _uart_index(device: str) -> int:
@@ -514,7 +618,7 @@ class Machine:
     async def _prepare(self) -> None:
         """Runtime dir, RAM file, guest image, DTB; checks reservations against the loader."""
         board = self.board
-        base, total, _ = ram_extent(board)
+        _, total, _ = ram_extent(board)
         parent = self._runtime_parent or rundir.default_parent()
         for swept in rundir.sweep({parent, rundir.default_parent()}):
             log.info("removed %s: its agent is gone", swept)
@@ -531,32 +635,15 @@ class Machine:
             from cma_qemu.guest_image import find_guest
 
             image = self._image = find_guest(board.kernel_flavour)
-        for p in (image.kernel, image.initrd):
-            if not Path(p).is_file():
-                raise ENODEV(f"guest file {p} is missing; run `cma-qemu guest build`")
-
-        if board.machine_type == "virt":
-            margs = machine_args(board, ram_file)
-            dtb = await asyncio.to_thread(dump_qemu_dtb, margs, qemu=self._qemu)
-        else:
-            if image.dtb is None or not Path(image.dtb).is_file():
-                raise ENODEV(f"the guest image has no device tree for {board.machine_type}")
-            dtb = Path(image.dtb).read_bytes()
-            # The console (UART0) and a UART channel receive through the UART's FIFO only.
-            dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{console_device(board)}"))
-            if board.channel.kind == "uart":
-                dtb = drop_uart_dma(dtb, _uart_index(board.channel.name))
-        patched = add_reserved_memory(dtb, self.reservations, compatible=self._compatible)
-        self.loaded = loader_ranges(
-            board.machine_type,
-            base,
-            total,
-            Path(image.kernel),
-            Path(image.initrd),
-            dtb_load_size(len(patched)),
+        self.loaded = await asyncio.to_thread(
+            write_patched_dtb,
+            board,
+            image,
+            files,
+            self.reservations,
+            compatible=self._compatible,
+            qemu=self._qemu,
         )
-        check_reservations(self.loaded, self.reservations)
-        files.dtb.write_bytes(patched)
         self.argv = qemu_command(
             board, image, files, append=self._append, extra_args=self._extra, qemu=self._qemu
         )
