@@ -88,13 +88,20 @@ class JournalIdentity:
         return cls(board, regions, cma.map_text, cma.asterisk_text, allocator, layout)
 
     def differences(self, other: JournalIdentity) -> list[str]:
-        """What differs, as ``field: journal X, agent Y`` phrases (empty: the same)."""
+        """What differs, as ``FIELD X in the journal, Y here`` phrases (empty: the same).
+
+        The placed layout follows from the rest, so it is named only when nothing else
+        differs (the board file changed under the same name), and briefly.
+        """
         mine, theirs = asdict(self), asdict(other)
-        return [
+        found = [
             f"{name} {mine[name]!r} in the journal, {theirs[name]!r} here"
             for name in mine
-            if _plain(mine[name]) != _plain(theirs[name])
+            if name != "layout" and _plain(mine[name]) != _plain(theirs[name])
         ]
+        if not found and _plain(self.layout) != _plain(other.layout):
+            found.append("the regions are placed differently (the board file changed?)")
+        return found
 
 
 def _plain(value: object) -> object:
