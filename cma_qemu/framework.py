@@ -427,12 +427,16 @@ class Cma:
         Runtime complexity: O(r) (a walk of the named regions, newest first).
         """
         with self._lock:
-            for region in self._regions:
-                if region.name is None:
-                    return None  # private regions are at the tail; names stop here
-                if region.name == name:
-                    return region
-            return None
+            return self._named_region(name)
+
+    def _named_region(self, name: str) -> Region | None:
+        """:meth:`region` for callers that hold the lock already (the alloc path)."""
+        for region in self._regions:
+            if region.name is None:
+                return None  # private regions are at the tail; names stop here
+            if region.name == name:
+                return region
+        return None
 
     # ----------------------------------------------------------------- allocators
     @property
@@ -628,7 +632,7 @@ class Cma:
         owner: str | None,
     ) -> Chunk:
         for name in names:
-            region = self.region(name)
+            region = self._named_region(name)
             if region is None:
                 continue
             chunk = self._alloc_in(region, requested, size, alignment, owner)

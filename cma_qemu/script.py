@@ -359,10 +359,13 @@ class ScriptRunner:
 
     # ------------------------------------------------------------------ commands
     def _alloc(self, command: str, args: list[str]) -> None:
-        self._need(args, 2)
+        exact = len(args) == 2  # the usual case skips both count checks (order kept otherwise)
+        if not exact:
+            self._need(args, 2)
         dev, kind = _split_dev(args[0])
         size, alignment = _size_and_alignment(args[1])
-        self._no_more(args, 2)
+        if not exact:
+            self._no_more(args, 2)
         self.allocations += 1
         try:
             start = self.backend.alloc(dev, kind, size, alignment)
@@ -386,7 +389,8 @@ class ScriptRunner:
     def _free(self, command: str, args: list[str]) -> None:
         if args:
             chunk_id = self._chunk_id(args[0])
-            self._no_more(args, 1)
+            if len(args) > 1:
+                self._no_more(args, 1)
             chunk = self._lookup(chunk_id)
         else:
             newest = self.live.newest()
