@@ -1,10 +1,11 @@
 """Serving a QEMU the test started itself: ``Agent.attach`` and ``cma-qemu attach``.
 
-The test builds QEMU's command line with the machine layer's helpers (the same DTB patching
-the agent does at boot, so the guest boots with the regions reserved), adds a second QMP
-socket of its own (QEMU serves one client per QMP socket and the agent holds the first), and
-drives the guest console itself with pexpect. One QEMU boot serves the whole module; the last
-test shuts it down and checks that ``cma-qemu attach`` notices.
+The test does what any harness does: ``cma-qemu qemu-command virt --dir DIR --json`` writes the
+patched DTB and the RAM file into DIR and prints the argv, which the test starts as a process
+of its own (pexpect, so it can drive the guest console; no descriptor of the CLI is involved),
+with a second QMP socket of its own added (QEMU serves one client per QMP socket and the agent
+holds the first). One QEMU boot serves the whole module; the last test shuts it down and
+checks that ``cma-qemu attach`` notices.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from qemu.qmp import QMPClient
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.channel import ChannelServer
-from cma_qemu.guest_image import find_guest
-from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
-from cma_qemu.machine.launch import LaunchFiles, machine_args, qemu_command
 from cma_qemu.replay import build_cma
 
 pytestmark = [
@@ -46,11 +44,21 @@ BOARD = load_board("virt")
 RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
 
 
+@dataclass(frozen=True)
+class Files:
+    """What ``qemu-command --json`` names."""
+
+    qmp_socket: Path
+    channel_socket: Path
+    ram: Path
+
+
 @dataclass
 class Qemu:
     child: pexpect.spawn[str]
-    files: LaunchFiles
+    files: Files
     control: Path  # the test's own QMP socket
+    attach: list[str]  # the `cma-qemu attach` command qemu-command printed
 
     def expect(self, pattern: Any, timeout: float = 30) -> Any:
         self.child.expect(pattern, timeout=timeout)
@@ -91,19 +99,26 @@ class Qemu:
                 await client.disconnect()
 
 
+def qemu_command(run: Path) -> dict[str, Any]:
+    """``cma-qemu qemu-command virt --dir RUN --json``, as a harness runs it."""
+    out = subprocess.run(
+        [CLI, "qemu-command", "virt", "--dir", str(run), "--json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return dict(json.loads(out))
+
+
 @pytest.fixture(scope="module")
 def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
-    image = find_guest(BOARD.kernel_flavour)
     run = tmp_path_factory.mktemp("att")
-    files = LaunchFiles.in_dir(run, run / "guest.ram")
-    dtb = dump_qemu_dtb(machine_args(BOARD, files.ram_file))
-    files.dtb.write_bytes(add_reserved_memory(dtb, RESERVATIONS))
+    info = qemu_command(run)
+    assert [(r["name"], r["start"], r["size"]) for r in info["regions"]] == RESERVATIONS
+    files = Files(Path(info["qmp"]), Path(info["channel"]), Path(info["ram"]))
+    assert files.ram.parent == run and files.ram.is_file()  # the harness's file, not a memfd
     control = run / "control.sock"
-    argv = qemu_command(
-        BOARD, image, files, extra_args=["-qmp", f"unix:{control},server=on,wait=off"]
-    )
+    argv = [*info["argv"], "-qmp", f"unix:{control},server=on,wait=off"]
     child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace")
-    q = Qemu(child, files, control)
+    q = Qemu(child, files, control, info["attach"])
     try:
         assert q.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", 120).group(1) == "/dev/vport0p1"
         q.expect(PROMPT)
@@ -159,9 +174,9 @@ def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 async def test_cli_attach_monitor_sees_the_guest_and_exits_with_qemu(qemu: Qemu) -> None:
     f = qemu.files
+    assert qemu.attach[:2] == ["cma-qemu", "attach"]
     proc = subprocess.Popen(
-        [CLI, "attach", "--qmp", str(f.qmp_socket), "--channel", str(f.channel_socket),
-         "--board", "virt", "--json"],
+        [CLI, *qemu.attach[1:], "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
