@@ -127,6 +127,8 @@ class Recorder:
     # ------------------------------------------------------------------ writing
     def _line(self, text: str) -> None:
         """One line, in one ``write`` call (no buffer to lose if the agent is killed)."""
+        if text.startswith("#"):  # a comment must stay one line, whatever it quotes
+            text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\0", "\\0")
         if self._fd is not None:
             os.write(self._fd, (text + "\n").encode("utf-8", "surrogateescape"))
 

@@ -242,3 +242,13 @@ def test_os_errors_keep_their_errno_name_where_the_hierarchy_has_it() -> None:
     denied = from_os_error(PermissionError(13, "Permission denied"), "journal j")
     assert type(denied) is CmaError and denied.errno_name == "EIO"
     assert str(denied) == "journal j: Permission denied"
+
+
+def test_comments_stay_one_line_whatever_they_quote(tmp_path: Path) -> None:
+    cma = build_cma(board=BOARD)
+    recording = tmp_path / "rec.cma"
+    recorder = Recorder(cma, recording, RecordingHeader("virt", "x\nalloc vpu/dec 1M", "", ""))
+    cma.alloc("bad\ndev", "", 4 * K, owner="monitor\nfree 1")
+    recorder.close()
+    body = [ln for ln in recording.read_text().splitlines() if not ln.startswith("#")]
+    assert len(body) == 1 and body[0].startswith("alloc-from ")  # the name cannot go as is
