@@ -27,10 +27,12 @@ from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.guest_image import build_guest, find_guest
 from cma_qemu.journal import JOURNAL_NAME, Journal, JournalIdentity, RestoreReport, qemu_identity
+from cma_qemu.machine.attach import AttachedMachine, attach
 from cma_qemu.machine.console import Console
+from cma_qemu.machine.events import QmpEvent
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
-from cma_qemu.machine.qmp import AttachedMachine, QmpEvent, attach, chardevs, uart_rx_level
+from cma_qemu.machine.qmp import chardevs, uart_rx_level
 from cma_qemu.monitor import Monitor
 from cma_qemu.record import RecordingHeader, RecordingSwitch
 from cma_qemu.replay import build_cma

@@ -16,11 +16,11 @@ import pytest_asyncio
 from machine_helpers import board, guest_image
 
 from cma_qemu.errors import EADDRINUSE, ETIMEDOUT, CmaError
+from cma_qemu.machine.attach import attach
 from cma_qemu.machine.launch import Machine
 from cma_qemu.machine.loader import covering
 from cma_qemu.machine.memory import MmapGuestMemory, PmemsaveGuestMemory
 from cma_qemu.machine.qmp import (
-    attach,
     find_channel_chardev,
     memory_backends,
     ram_ranges,

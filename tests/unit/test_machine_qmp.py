@@ -9,16 +9,14 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from cma_qemu.errors import ENODEV, ETIMEDOUT
+from cma_qemu.machine.events import EventHub, QmpEvent
+from cma_qemu.machine.hmp_text import parse_info_roms, parse_mtree
 from cma_qemu.machine.qmp import (
     Chardev,
-    EventHub,
-    QmpEvent,
     find_channel_chardev,
     find_virtserialport,
     machine_ram_backend,
     memory_backends,
-    parse_info_roms,
-    parse_mtree,
 )
 
 MTREE = """\
