@@ -64,9 +64,24 @@ def record(scenario: str, did: str, chunks_leaked: int, files_left: int, notice_
 
 
 # ------------------------------------------------------------------------ process figures
-def open_fds() -> int:
-    """This process's open file descriptors (the agent of the shared board runs here)."""
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what they are (the shared agent runs here)."""
+    fds: dict[int, str] = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def fds_back(baseline: dict[int, str]) -> bool:
+    """No more fds open than at ``baseline``. (Fewer is fine: a connection the previous test
+    closed may still have been closing then. A count, as a reconnected socket is a new one.)"""
+    return len(open_fds()) <= len(baseline)
+
+
+def new_fds(baseline: dict[int, str]) -> str:
+    """The fds opened since ``baseline``, for an assertion message."""
+    return str(sorted(set(open_fds().items()) - set(baseline.items())))
 
 
 def status_kib(key: str, pid: int | str = "self") -> int:
@@ -82,22 +97,32 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> float:
+def wait_until(
+    predicate: Callable[[], object],
+    what: str,
+    timeout: float = 60.0,
+    detail: Callable[[], str] = str,
+) -> float:
     """Poll ``predicate`` every 10 ms; the seconds it took to hold."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} {detail()}")
         time.sleep(0.01)
     return time.monotonic() - start
 
 
-async def await_until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> float:
+async def await_until(
+    predicate: Callable[[], object],
+    what: str,
+    timeout: float = 60.0,
+    detail: Callable[[], str] = str,
+) -> float:
     """:func:`wait_until` for async tests (the test's loop keeps running meanwhile)."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} {detail()}")
         await asyncio.sleep(0.01)
     return time.monotonic() - start
 
@@ -316,7 +341,7 @@ def test_stub_killed_mid_request_leaves_no_chunk(agent: SyncAgent, guest: Guest)
         assert agent.guest_chunks() == [], f"attempt {attempt}: {held_chunks(agent)}"
     assert agent.cma.region("camera").free_space == agent.cma.region("camera").size
     next_session_works(agent, guest)
-    assert open_fds() == fds
+    assert fds_back(fds), new_fds(fds)
     record(
         "the stub SIGKILLed mid-request (5 times)",
         "port closed (VSERPORT_CHANGE) releases the stub's chunks; next stub served",
@@ -351,7 +376,7 @@ def test_channel_socket_dropped_and_reconnected(agent: SyncAgent, guest: Guest) 
         assert stub.send("free 1").strip() == ""  # an old chunk is freed after the reconnect
         assert len(agent.guest_chunks()) == 1
     assert agent.guest_chunks() == []
-    assert open_fds() == fds
+    assert fds_back(fds), new_fds(fds)
     record(
         "channel socket dropped by the agent's side (shutdown), reconnected",
         "reconnects; the guest keeps its chunks; next request answered; old chunk freed",
@@ -392,7 +417,7 @@ def test_guest_sends_10_mib_of_random_bytes(agent: SyncAgent, guest: Guest) -> N
     assert peak < 16 * 1024, f"peak RSS grew by {peak} KiB"  # the 10 MiB never piled up
     assert agent.guest_chunks() == []
     next_session_works(agent, guest)
-    assert open_fds() == fds
+    assert fds_back(fds), new_fds(fds)
     record(
         "the guest sends 10 MiB of random bytes on its channel",
         f"{answered - 1} garbage lines, one GenericError reply each; the ping answered; "
@@ -435,7 +460,9 @@ def test_monitor_client_disconnects_mid_command(agent: SyncAgent) -> None:
         sock = _raw_monitor(agent.monitor_path)
         sock.sendall(b'{"execute":"cma-alloc","arguments":{"dev":"x","si')
         sock.close()
-    notice = wait_until(lambda: open_fds() == fds, "the monitor to drop the clients", 30)
+    notice = wait_until(
+        lambda: fds_back(fds), "the monitor to drop the clients", 30, lambda: new_fds(fds)
+    )
     with contextlib.closing(_raw_monitor(agent.monitor_path)) as sock:
         sock.sendall(b'{"execute":"query-cma-chunks","id":1}\n')
         reply = json.loads(sock.makefile("rb").readline())
@@ -477,7 +504,9 @@ async def test_50_monitor_clients_at_once(agent: SyncAgent) -> None:
     total = time.monotonic() - start
     assert [len(r) for r in results] == [rounds] * clients  # every client was answered
     assert agent.cma.chunks == []
-    await await_until(lambda: open_fds() == fds, "the monitor to close the 50 connections", 30)
+    await await_until(
+        lambda: fds_back(fds), "the monitor to close the 50 connections", 30, lambda: new_fds(fds)
+    )
     per_client = sorted(sum(r) for r in results)
     flat = sorted(x for r in results for x in r)
     record(
@@ -540,7 +569,7 @@ async def test_monitor_client_sends_10_mib_without_newline(
     )
     assert peak < 8 * 1024, f"peak RSS grew by {peak} KiB"
     assert agent.cma.map_text == map_before
-    await await_until(lambda: open_fds() == fds, "the connection to close", 10)
+    await await_until(lambda: fds_back(fds), "the connection to close", 10, lambda: new_fds(fds))
     record(
         f"a monitor client sends 10 MiB with no newline ({'JSON string' if head else 'NUL bytes'})",
         f"'{replies[0]['error']['desc'][:40]}...', then '{replies[-1]['error']['desc']}'; "
