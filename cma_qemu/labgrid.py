@@ -1,0 +1,304 @@
+"""labgrid integration: ``CmaQemuDriver`` (a ``QEMUDriver``) and ``CmaQemuStrategy``.
+
+labgrid has no entry-point discovery for drivers: an env file loads this module through
+``imports: [cma_qemu.labgrid]``, and the ``@target_factory.reg_driver`` decorators below make
+the two classes known by name. labgrid owns QEMU (its own QMP on stdio, the console on a
+socket it listens on); this driver only supplies the command line that ``cma-qemu
+qemu-command`` prints, minus the stdio console, and attaches the agent to the QEMU labgrid
+started, through the QMP and channel sockets in a private directory.
+
+Env keys: ``board`` (default ``virt``), ``regions``, ``map``, ``asterisk``, ``allocator``, and
+QEMUDriver's own: ``qemu_bin`` (a ``tools`` key or a program), ``extra_args`` (appended) and
+``boot_args`` (appended to the kernel command line). ``machine``, ``cpu`` and ``memory`` come
+from the board file, so they are optional here and must match it when given; the image keys
+(``kernel``, ``dtb``, ``disk``, ...) are refused: the guest is this project's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attr
+
+from cma_qemu.agent import Agent
+from cma_qemu.boards import Board, load_board
+from cma_qemu.errors import EINVAL, EIO, ENODEV
+from cma_qemu.machine.launch import QEMU, PreparedLaunch, kernel_cmdline, prepare_launch
+from cma_qemu.pytest_plugin import SyncAgent, _LoopThread
+from cma_qemu.replay import build_cma
+
+try:
+    from labgrid.driver import QEMUDriver  # type: ignore[import-untyped]
+    from labgrid.factory import target_factory  # type: ignore[import-untyped]
+    from labgrid.step import step  # type: ignore[import-untyped]
+    from labgrid.strategy import Strategy, StrategyError  # type: ignore[import-untyped]
+    from labgrid.strategy.common import never_retry  # type: ignore[import-untyped]
+except ImportError as error:  # pragma: no cover - the extra is not installed
+    raise ENODEV(
+        f"labgrid is not installed ({error}): pip install 'cma-qemu[labgrid]'", where="labgrid"
+    ) from error
+
+__all__ = ["CmaQemuDriver", "CmaQemuStrategy"]
+
+_optional_str = attr.validators.optional(attr.validators.instance_of(str))
+#: QEMUDriver keys that name images: the board's guest replaces them.
+_IMAGE_KEYS = ("kernel", "disk", "rootfs", "dtb", "flash", "bios")
+_LABGRID_SERIAL = "chardev:serialsocket"
+
+
+@target_factory.reg_driver
+@attr.s(eq=False)
+class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
+    """A QEMU board with CMA regions reserved, served by an attached agent while it is on.
+
+    ``agent`` (a :class:`~cma_qemu.pytest_plugin.SyncAgent`) exists between ``on()`` and
+    ``off()``. ``off()`` detaches the agent, has labgrid quit QEMU and removes the guest RAM
+    file; deactivating the driver removes its directory. Cost of ``on()``: QEMU start plus an
+    attach (a few QMP round trips); activation runs one QEMU ``dumpdtb`` (about 0.1 s).
+    """
+
+    # QEMUDriver's mandatory keys, made optional: the board file has them.
+    qemu_bin: str = attr.ib(default=QEMU, validator=attr.validators.instance_of(str))
+    machine: str | None = attr.ib(default=None, validator=_optional_str)
+    cpu: str | None = attr.ib(default=None, validator=_optional_str)
+    memory: str | None = attr.ib(default=None, validator=_optional_str)
+    board: str = attr.ib(default="virt", validator=attr.validators.instance_of(str))
+    regions: str | None = attr.ib(default=None, validator=_optional_str)
+    map: str | None = attr.ib(default=None, validator=_optional_str)
+    asterisk: str | None = attr.ib(default=None, validator=_optional_str)
+    allocator: str | None = attr.ib(default=None, validator=_optional_str)
+    _cmd: list[str]  # QEMUDriver's argv, set by its on_activate
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._cma_board: Board | None = None
+        self._cma_dir: Path | None = None
+        self._cma_launch: PreparedLaunch | None = None
+        self._cma_loop: _LoopThread | None = None
+        self._cma_agent: SyncAgent | None = None
+        self._cma_cleanup: Callable[[], None] | None = None
+
+    # -- what labgrid runs ----------------------------------------------------------------
+
+    def _check_keys(self, board: Board) -> None:
+        for key in _IMAGE_KEYS:
+            if getattr(self, key) is not None:
+                raise EINVAL(f"{key!r} is set by board {board.name!r}; leave it out", where=key)
+        total = sum(bank.size for bank in board.ram)
+        expected = {"machine": board.machine_type, "cpu": board.cpu}
+        if self.machine is not None and self.machine != expected["machine"]:
+            raise EINVAL(f"board {board.name} is machine {board.machine_type}", where="machine")
+        if self.cpu is not None and self.cpu != expected["cpu"]:
+            raise EINVAL(f"board {board.name} has cpu {board.cpu}", where="cpu")
+        if self.memory is not None and self.memory != f"{total >> 20}M":
+            raise EINVAL(f"board {board.name} has {total >> 20}M of RAM", where="memory")
+
+    def get_qemu_base_args(self) -> list[str]:
+        """This project's QEMU argv for the board, without the stdio console labgrid replaces.
+
+        Writes the patched DTB (and the RAM file, on virt) into the driver's directory; a
+        region on the kernel raises ``EADDRINUSE`` here, as ``cma-qemu boot`` would.
+        """
+        board = self._cma_board = load_board(self.board)
+        self._check_keys(board)
+        cma = build_cma(
+            board=board,
+            regions=self.regions,
+            map_text=self.map,
+            asterisk=self.asterisk,
+            allocator=self.allocator,
+        )
+        if self._cma_dir is None:
+            raise EIO("the driver is not active", where="labgrid")
+        qemu = self.target.env.config.get_tool(self.qemu_bin) if self.target.env else None
+        launch = prepare_launch(
+            board,
+            [(r.name, r.start, r.size) for r in cma.regions],
+            self._cma_dir,
+            console=False,
+            qemu=str(qemu or self.qemu_bin),
+        )
+        self._cma_launch = launch
+        argv = list(launch.argv)
+        if self.boot_args:
+            index = argv.index("-append") + 1
+            argv[index] = kernel_cmdline(board, [self.boot_args])
+        return [*argv, *shlex.split(self.extra_args or "")]
+
+    def on_activate(self) -> None:
+        self._cma_dir = Path(tempfile.mkdtemp(prefix="cma-qemu-labgrid-"))
+        directory = self._cma_dir
+        self._cma_cleanup = lambda: shutil.rmtree(directory, ignore_errors=True)
+        atexit.register(self._cma_cleanup)
+        try:
+            super().on_activate()
+        except BaseException:
+            self._remove_dir()
+            raise
+        self._cmd = _console_first(self._cmd)
+
+    def on_deactivate(self) -> None:
+        try:
+            super().on_deactivate()
+        finally:
+            self._remove_dir()
+
+    @step()  # type: ignore[untyped-decorator]
+    def on(self) -> None:
+        """Start QEMU (labgrid), then attach the agent to it."""
+        if self.status:
+            return
+        super().on()
+        launch, board = self._cma_launch, self._cma_board
+        assert launch is not None and board is not None
+        loop = _LoopThread()
+        try:
+            agent = loop.run(
+                Agent.attach(
+                    board,
+                    launch.files.qmp_socket,
+                    launch.files.channel_socket,
+                    regions=self.regions,
+                    map_text=self.map,
+                    asterisk=self.asterisk,
+                    allocator=self.allocator,
+                    journal=False,  # the agent lives exactly as long as this QEMU
+                ),
+                120,
+            )
+        except BaseException:
+            loop.stop()
+            with contextlib.suppress(Exception):
+                super().off()
+            raise
+        self._cma_loop, self._cma_agent = loop, SyncAgent(agent, loop)
+
+    @step()  # type: ignore[untyped-decorator]
+    def off(self) -> None:
+        """Detach the agent, quit QEMU and remove the guest RAM file."""
+        try:
+            self._detach()
+        finally:
+            try:
+                if self.status:
+                    super().off()
+            finally:
+                launch = self._cma_launch
+                if launch is not None and launch.files.ram_file is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        launch.files.ram_file.unlink()  # QEMU recreates it on the next on()
+
+    @property
+    def agent(self) -> SyncAgent:
+        """The agent serving this QEMU (between ``on()`` and ``off()``)."""
+        if self._cma_agent is None:
+            raise EIO("the board is off: no agent", where="labgrid")
+        return self._cma_agent
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        agent, loop = self._cma_agent, self._cma_loop
+        self._cma_agent = self._cma_loop = None
+        if loop is None:
+            return
+        try:
+            if agent is not None:
+                loop.run(agent.agent.close(), 60)
+        finally:
+            loop.stop()
+
+    def _remove_dir(self) -> None:
+        if self._cma_cleanup is not None:
+            atexit.unregister(self._cma_cleanup)
+            self._cma_cleanup()
+            self._cma_cleanup = None
+        self._cma_dir = None
+
+    def __str__(self) -> str:
+        return f"CmaQemuDriver({self.target.name}, {self.board})"
+
+
+def _console_first(argv: list[str]) -> list[str]:
+    """labgrid's console ``-serial`` moved before the board's own (the guest's UART0).
+
+    labgrid appends its console after the base arguments; on a board whose channel is a
+    UART (smdkc210) that would make the channel the first serial port.
+    """
+    serials = [i for i, a in enumerate(argv) if a == "-serial"]
+    mine = [i for i in serials if argv[i + 1] == _LABGRID_SERIAL]
+    if not mine or mine[0] == serials[0]:
+        return argv
+    index = mine[0]
+    rest = argv[:index] + argv[index + 2 :]
+    first = serials[0]
+    return [*rest[:first], "-serial", _LABGRID_SERIAL, *rest[first:]]
+
+
+class _Status:
+    """CmaQemuStrategy's states (labgrid's ``Status`` enums, by name)."""
+
+    unknown, off, shell = "unknown", "off", "shell"
+
+
+@target_factory.reg_driver
+@attr.s(eq=False)
+class CmaQemuStrategy(Strategy):  # type: ignore[misc]
+    """off -> shell: QEMU on with the agent attached, and a ShellDriver at ``cma# ``.
+
+    The guest has no login: its init prints ``cma-qemu: ready channel=...`` and starts a
+    shell with ``PS1='cma# '``; the env's ShellDriver needs ``prompt: 'cma# '`` and a
+    ``login_prompt`` that never appears.
+    """
+
+    bindings = {"power": "CmaQemuDriver", "shell": "ShellDriver"}  # noqa: RUF012
+
+    status: str = attr.ib(default=_Status.unknown)
+
+    @never_retry  # type: ignore[untyped-decorator]
+    @step(args=["status"])  # type: ignore[untyped-decorator]
+    def transition(self, status: Any, *, step: Any) -> None:
+        """Walk to ``off`` or ``shell``; labgrid's ``strategy.transition("shell")``."""
+        status = getattr(status, "name", status)
+        if status not in (_Status.off, _Status.shell):
+            raise StrategyError(f"can not transition to {status}")
+        if status == self.status:
+            step.skip("nothing to do")
+            return
+        if status == _Status.off:
+            self.target.deactivate(self.shell)
+            self.target.activate(self.power)
+            self.power.off()
+        else:
+            self.transition(_Status.off)
+            self.power.on()
+            self.target.activate(self.shell)
+        self.status = status
+
+    @never_retry  # type: ignore[untyped-decorator]
+    @step(args=["status"])  # type: ignore[untyped-decorator]
+    def force(self, status: Any, *, step: Any) -> None:
+        """Take the target to be in ``status`` already (``pytest --lg-initial-state``)."""
+        status = getattr(status, "name", status)
+        if status == _Status.off:
+            self.target.deactivate(self.shell)
+            self.target.activate(self.power)
+        elif status == _Status.shell:
+            self.target.activate(self.power)
+            self.target.activate(self.shell)
+        else:
+            raise StrategyError(f"can not force state {status}")
+        self.status = status
+
+    @property
+    def agent(self) -> SyncAgent:
+        """The agent of the board (``strategy.agent`` in a test)."""
+        agent: SyncAgent = self.power.agent
+        return agent
