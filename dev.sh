@@ -20,6 +20,7 @@ APT_PACKAGES=(
     libc6-dev-armhf-cross      # static libc for the stub
     device-tree-compiler       # dtc: tests read back the patched device tree
     cpio                       # initramfs tooling (inspection)
+    make                       # the guest kernel module build (kbuild from Debian headers)
     python3-venv               # the .venv
     ca-certificates
 )

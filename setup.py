@@ -18,7 +18,11 @@ HERE = Path(__file__).resolve().parent
 #: package-data directory -> (top-level source directory, the files to copy)
 SHIPPED = {
     "boards": ("board_configs", ("*.toml",)),
-    "guest": ("guest", ("*.c", "*.h", "init", "Makefile")),
+    "guest": (
+        "guest",
+        ("*.c", "*.h", "init", "Makefile", "include/*.h", "kernel/Kbuild", "kernel/*.c",
+         "kernel/examples/Kbuild", "kernel/examples/*.c"),
+    ),
 }
 
 
@@ -36,7 +40,9 @@ class BuildPyWithShipped(build_py):
             for pattern in patterns:
                 for path in sorted(src.glob(pattern)):
                     if path.is_file():
-                        shutil.copy2(path, dest / path.name)
+                        target = dest / path.relative_to(src)  # kernel/, include/ kept
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(path, target)
 
 
 setup(cmdclass={"build_py": BuildPyWithShipped})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT, CmaError
-from cma_qemu.guest_image import apt, host
+from cma_qemu.guest_image import apt, host, kmod
 from cma_qemu.guest_image.apt import Package
 from cma_qemu.guest_image.cpio import CpioWriter
 from cma_qemu.guest_image.modules import collect_modules
@@ -140,7 +140,7 @@ def _sha256(*parts: bytes | str) -> str:
 def stub_key(src: Path) -> str:
     """Hash of the stub's C sources and compiler flags."""
     parts: list[bytes | str] = [CROSS_CC, " ".join(STUB_CFLAGS)]
-    for path in sorted([*src.glob("*.c"), *src.glob("*.h")]):
+    for path in sorted([*src.glob("*.c"), *src.glob("*.h"), *src.glob("include/*.h")]):
         parts += [path.name, path.read_bytes()]
     return _sha256(*parts)[:16]
 
@@ -367,14 +367,15 @@ def build_guest(
         release = apt.kernel_release(kpkg.name)
         init = (src / "init").read_bytes()
         skey = stub_key(src)
+        kkey = kmod.guest_kmod_key(src, release, kpkg.version)  # the guest's cma_guest.ko
         outdir = cache / "guest" / flavour
         manifest = outdir / _MANIFEST
 
         kdir = cache / "packages" / kpkg.dirname
         order_file = kdir / "modules" / "load-order"
         if order_file.is_file():
-            modules = order_file.read_text().split()
-            key = initrd_key(flavour, kpkg, bpkg, skey, init, modules)
+            modules = [*order_file.read_text().split(), *kmod.guest_kmod_names(src)]
+            key = initrd_key(flavour, kpkg, bpkg, f"{skey}+{kkey}", init, modules)
             current = _image_from_manifest(flavour, manifest)
             if current is not None and current.key == key and (kdir / _COMPLETE).is_file():
                 say(f"guest image {flavour} is up to date ({kpkg.name} {kpkg.version}, key {key})")
@@ -383,8 +384,11 @@ def build_guest(
         kdir = _fetch_package(kpkg, cache, say, _keep_kernel(flavour, release))
         bdir = _fetch_package(bpkg, cache, say, _keep_busybox)
         stub, skey = _build_stub(src, cache, say)
-        modules = (kdir / "modules" / "load-order").read_text().split()
-        key = initrd_key(flavour, kpkg, bpkg, skey, init, modules)
+        guest_kmod = kmod.build_guest_kmod(src, release, kpkg.version, cache, say)
+        kmods = {ko.stem: ko.read_bytes() for ko in guest_kmod.modules} if guest_kmod else {}
+        kkey = guest_kmod.key if guest_kmod else ""
+        modules = [*(kdir / "modules" / "load-order").read_text().split(), *kmods]
+        key = initrd_key(flavour, kpkg, bpkg, f"{skey}+{kkey}", init, modules)
 
         current = _image_from_manifest(flavour, manifest)
         if current is not None and current.key == key:
@@ -394,13 +398,16 @@ def build_guest(
         say(f"packing the {flavour} initramfs ({key})")
         info = (
             f"flavour={flavour}\nkernel={kpkg.name} {kpkg.version}\n"
-            f"busybox={bpkg.version}\nstub={skey}\nkey={key}\n"
+            f"busybox={bpkg.version}\nstub={skey}\nkmod={kkey}\nkey={key}\n"
         )
         initrd = pack_initramfs(
             init,
             (bdir / "busybox").read_bytes(),
             stub.read_bytes(),
-            {m: (kdir / "modules" / f"{m}.ko").read_bytes() for m in modules},
+            {
+                m: kmods[m] if m in kmods else (kdir / "modules" / f"{m}.ko").read_bytes()
+                for m in modules
+            },
             info,
         )
         outdir.mkdir(parents=True, exist_ok=True)
@@ -427,6 +434,8 @@ def build_guest(
             "kernel_version": kpkg.version,
             "busybox_version": bpkg.version,
             "stub": skey,
+            "kmod": kkey,
+            "kmod_symvers": str(guest_kmod.symvers) if guest_kmod else None,
             "modules": list(modules),
             "key": key,
         }
