@@ -10,30 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Final, TypeAlias
 
-from cma_qemu.channel.arguments import Arguments
 from cma_qemu.errors import ENOENT
-from cma_qemu.framework import Chunk, Cma, CmaInfo
+from cma_qemu.framework import Cma
+from cma_qemu.wire.arguments import Arguments
+from cma_qemu.wire.values import chunk_json, info_json
 
-__all__ = ["GUEST_COMMANDS", "GuestHandler", "chunk_json", "info_json"]
+__all__ = ["GUEST_COMMANDS", "GuestHandler"]
 
 #: A guest command: (framework, owner of this session's chunks, arguments) -> return value.
 GuestHandler: TypeAlias = Callable[[Cma, str, Arguments], object]
-
-
-def chunk_json(chunk: Chunk) -> dict[str, object]:
-    """What the guest learns about a chunk: where it is, how big, and in which region."""
-    return {"addr": chunk.start, "size": chunk.size, "region": chunk.region.name}
-
-
-def info_json(info: CmaInfo) -> dict[str, object]:
-    """``struct cma_info`` as a JSON object."""
-    return {
-        "lower_bound": info.lower_bound,
-        "upper_bound": info.upper_bound,
-        "total_size": info.total_size,
-        "free_size": info.free_size,
-        "count": info.count,
-    }
 
 
 def _own_chunk(cma: Cma, owner: str, addr: int) -> None:

@@ -15,18 +15,18 @@ import termios
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from cma_qemu.channel.arguments import Arguments
 from cma_qemu.channel.commands import GUEST_COMMANDS
-from cma_qemu.channel.framing import MAX_LINE, LineSplitter, Marker
-from cma_qemu.channel.messages import (
+from cma_qemu.errors import EIO, CmaError, GenericError
+from cma_qemu.framework import Chunk, Cma
+from cma_qemu.wire.arguments import Arguments
+from cma_qemu.wire.framing import MAX_LINE, LineSplitter, Marker
+from cma_qemu.wire.messages import (
     RequestError,
     encode_error,
     encode_return,
     guest_id_ok,
     parse_request,
 )
-from cma_qemu.errors import EIO, CmaError, GenericError
-from cma_qemu.framework import Chunk, Cma
 
 __all__ = [
     "READ_SIZE",

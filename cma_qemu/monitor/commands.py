@@ -19,8 +19,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
 
-from cma_qemu.channel.arguments import U64_MAX
-from cma_qemu.channel.commands import chunk_json, info_json
 from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP, CmaError, GenericError
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.monitor.events import EVENT_TYPES, EVENTS
@@ -35,6 +33,8 @@ from cma_qemu.monitor.schema import (
     introspect,
 )
 from cma_qemu.regions import Region
+from cma_qemu.wire.arguments import U64_MAX
+from cma_qemu.wire.values import chunk_json, info_json
 
 __all__ = [
     "MAX_READ",

@@ -1,7 +1,7 @@
 """QMP wire details of the agent's monitor: greeting, version, negotiation errors, event lines.
 
 Only what makes ``qemu.qmp.QMPClient`` and ``qmp-shell`` treat the agent like QEMU lives here;
-request decoding is shared with the guest channel (:mod:`cma_qemu.channel.messages`).
+request decoding is shared with the guest channel (:mod:`cma_qemu.wire.messages`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import keyword
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cma_qemu.channel.arguments import Arguments
+from cma_qemu.wire.arguments import Arguments
 
 __all__ = [
     "BUILTIN_JSON_TYPES",

@@ -20,14 +20,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from cma_qemu.channel.arguments import Arguments
-from cma_qemu.channel.framing import JsonSplitter, Marker
-from cma_qemu.channel.messages import RequestError, encode_error, encode_return, parse_request
 from cma_qemu.errors import EADDRINUSE, EIO, CmaError
 from cma_qemu.framework import Chunk, Cma, CmaEvent
 from cma_qemu.monitor.commands import MemoryReader, MonitorCommands
 from cma_qemu.monitor.events import CMA_GUEST_RESET, from_cma_event, guest_reset_data
 from cma_qemu.monitor.protocol import COMMAND_NOT_FOUND, GREETING, MAX_REQUEST, encode_event
+from cma_qemu.wire.arguments import Arguments
+from cma_qemu.wire.framing import JsonSplitter, Marker
+from cma_qemu.wire.messages import RequestError, encode_error, encode_return, parse_request
 
 __all__ = ["MAX_CLIENT_BACKLOG", "MAX_UNENDED", "Monitor"]
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from cma_qemu.channel import ChannelServer
-from cma_qemu.channel.framing import MAX_LINE
 from cma_qemu.framework import AllocEvent, CmaEvent, FreeEvent
 from cma_qemu.pytest_plugin import BoardSession
+from cma_qemu.wire.framing import MAX_LINE
 
 pytestmark = pytest.mark.e2e
 

@@ -24,9 +24,9 @@ from test_channel_properties import (  # type: ignore[import-not-found]
 )
 
 from cma_qemu.channel import GUEST_COMMANDS
-from cma_qemu.channel.arguments import Arguments
-from cma_qemu.channel.framing import OVERSIZED, LineSplitter, Marker
 from cma_qemu.errors import GenericError, error_class
+from cma_qemu.wire.arguments import Arguments
+from cma_qemu.wire.framing import OVERSIZED, LineSplitter, Marker
 
 # --------------------------------------------------------------------------------------------
 # framing

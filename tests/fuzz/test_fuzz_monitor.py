@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from strategies import chunked, monitor_lines, mutated_bytes
 from test_framework_properties import build, check_invariants, snapshot  # type: ignore[import-not-found]
 
-from cma_qemu.channel.framing import OVERSIZED, JsonSplitter, Marker
 from cma_qemu.errors import error_class
 from cma_qemu.framework import Cma
 from cma_qemu.monitor import Monitor
 from cma_qemu.monitor.protocol import COMMAND_NOT_FOUND
 from cma_qemu.monitor.server import _Client
+from cma_qemu.wire.framing import OVERSIZED, JsonSplitter, Marker
 
 BASE = 0x40000000
 P = 4096

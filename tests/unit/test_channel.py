@@ -9,10 +9,10 @@ import pytest
 from cma_helpers import cma_state as state
 from cma_helpers import make_cma
 
-from cma_qemu.channel import MAX_LINE, GuestSession, LineSplitter
-from cma_qemu.channel.framing import OVERSIZED
+from cma_qemu.channel import GuestSession
 from cma_qemu.errors import ENOMEM
 from cma_qemu.framework import Cma
+from cma_qemu.wire.framing import MAX_LINE, OVERSIZED, LineSplitter
 
 MiB = 1024 * 1024
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
-from cma_qemu.channel.arguments import Arguments
 from cma_qemu.errors import EINVAL, ENOENT, ENOMEM
 from cma_qemu.framework import Cma
 from cma_qemu.monitor.commands import MonitorCommands
+from cma_qemu.wire.arguments import Arguments
 
 
 class LowestFirst(BestFitAllocator):

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.allocators.best_fit import BestFitAllocator
-from cma_qemu.channel.arguments import Arguments
 from cma_qemu.errors import GenericError
 from cma_qemu.monitor import Monitor
 from cma_qemu.monitor.commands import MonitorCommands
 from cma_qemu.monitor.hmp import EOL
 from cma_qemu.monitor.protocol import version_info
 from cma_qemu.monitor.schema import Command, Member, introspect
+from cma_qemu.wire.arguments import Arguments
 
 MiB = 1 << 20
 Schema = dict[str, dict[str, Any]]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from cma_qemu.channel.messages import describe_value
 from cma_qemu.errors import GenericError
+from cma_qemu.wire.messages import describe_value
 
 __all__ = ["U64_MAX", "Arguments"]
 
