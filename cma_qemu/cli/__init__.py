@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds --run/--script may take"
     )
     boot.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
+    boot.add_argument(
+        "--put",
+        action="append",
+        default=[],
+        metavar="LOCAL:GUEST",
+        help="copy a host file into the guest (mode bits kept) before --run/--script/the "
+        "console; repeatable",
+    )
     _record_option(boot)
     boot.set_defaults(handler=_lazy("machine", "cmd_boot"))
 

@@ -16,6 +16,7 @@ from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.cli.offline import read_script
 from cma_qemu.errors import EIO, ETIMEDOUT
+from cma_qemu.guest_put import parse_put, put
 from cma_qemu.lifecycle import run
 from cma_qemu.views import local_snapshot, region_table
 
@@ -73,8 +74,12 @@ async def _boot_agent(args: argparse.Namespace, console: Console) -> Agent:
 async def _boot(args: argparse.Namespace) -> int:
     console = progress_console()
     script = read_script(args.script) if args.script else None
+    puts = [parse_put(spec) for spec in args.put]  # a bad --put fails before QEMU starts
     agent = await _boot_agent(args, console)
     async with agent:
+        for local, guest in puts:
+            console.print(f"[dim]copying {local} to {guest}[/dim]")
+            await put(agent, local, guest)
         if args.json:
             print(json.dumps(regions_json(agent), indent=2), flush=True)
         else:
