@@ -4,7 +4,8 @@
  * Reads commands from stdin, one per line, in the format of docs/line-format.md (the same
  * lines `cma-qemu replay` reads), asks the host agent for memory over the board's channel
  * (a virtio-serial port or a UART) with the line-delimited JSON guest protocol, and touches
- * chunk memory through /dev/mem.
+ * chunk memory through /dev/mem. With -k it is the daemon of the cma_guest kernel module
+ * instead: it holds the channel and serves /dev/cma-ctl (guest/include/cma-ctl.h).
  *
  * Build: arm-linux-gnueabihf-gcc -static -O2 -Wall -Wextra -Werror -o cma-test cma-test.c
  *
@@ -28,6 +29,8 @@
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "include/cma-ctl.h"
 
 #define MAX_LINE 1023          /* input line, without the new line */
 #define MAX_NAME 16            /* dev and kind */
@@ -88,8 +91,10 @@ static void err(const char *cmd, const char *cls, const char *fmt, ...)
 static void usage(FILE *f)
 {
 	fputs("usage: cma-test [-d DEVICE] [-t SECONDS] [-h] < SCRIPT\n"
+	      "       cma-test -k [-d DEVICE] [-t SECONDS]\n"
 	      "  -d DEVICE   the channel to the cma-qemu agent (default: $CMA_CHANNEL)\n"
 	      "  -t SECONDS  how long to wait for each reply (default 10)\n"
+	      "  -k          serve the cma_guest kernel module's requests (/dev/cma-ctl)\n"
 	      "commands (one per line; an empty line repeats the previous one):\n"
 	      "  a|alloc DEV[/KIND] SIZE[/ALIGN]      allocate; prints ID: 0xSIZE@0xSTART\n"
 	      "  r|alloc-from REGIONS SIZE[/ALIGN]    allocate from a region list (or *)\n"
@@ -366,6 +371,7 @@ static const char *jobject(const char *p, struct reply *r)
 			p += 4;
 		} else {
 			f->type = J_OTHER;
+			f->num = *p == 't';   /* a boolean's truth ("freed" of cma-put) */
 			p = jskip(p, 1);
 		}
 		if (!p)
@@ -1273,16 +1279,165 @@ static void execute(char *line)
 #undef IS
 }
 
+/* ------------------------------------------------------------------ kernel daemon */
+
+#define CTL_PATH "/dev/cma-ctl"
+
+/* The errno of an agent's error class (docs/protocol.md); GenericError is a bad request. */
+static int errno_of(const char *cls)
+{
+	static const struct { const char *name; int value; } known[] = {
+		{"EINVAL", EINVAL}, {"ENOMEM", ENOMEM}, {"ENOENT", ENOENT},
+		{"EADDRINUSE", EADDRINUSE}, {"EBUSY", EBUSY}, {"ENOSPC", ENOSPC},
+		{"EPERM", EPERM}, {"EEXIST", EEXIST}, {"ENODEV", ENODEV}, {"ERANGE", ERANGE},
+		{"EFAULT", EFAULT}, {"EAGAIN", EAGAIN}, {"ETIMEDOUT", ETIMEDOUT}, {"EIO", EIO},
+		{"ENOSYS", ENOSYS}, {"EOVERFLOW", EOVERFLOW}, {"GenericError", EINVAL},
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+		if (!strcmp(cls, known[i].name))
+			return known[i].value;
+	return EIO;
+}
+
+/* The JSON command of one kernel request; NULL for an unknown op. */
+static const char *kernel_command(const struct cma_ctl_request *q, char *args, size_t sz)
+{
+	char a[CMA_CTL_NAME_SIZE * 6 + 1], b[CMA_CTL_REGIONS_SIZE * 6 + 1];
+
+	switch (q->op) {
+	case CMA_CTL_ALLOC:
+		jescape(a, sizeof(a), q->dev);
+		jescape(b, sizeof(b), q->kind);
+		snprintf(args, sz, "{\"dev\":\"%s\",\"kind\":\"%s\",\"size\":%" PRIu64
+			 ",\"alignment\":%" PRIu64 "}", a, b, (uint64_t)q->size,
+			 (uint64_t)q->alignment);
+		return "cma-alloc";
+	case CMA_CTL_ALLOC_FROM:
+		jescape(b, sizeof(b), q->regions);
+		if (q->regions[0])
+			snprintf(args, sz, "{\"regions\":\"%s\",\"size\":%" PRIu64
+				 ",\"alignment\":%" PRIu64 "}", b, (uint64_t)q->size,
+				 (uint64_t)q->alignment);
+		else
+			snprintf(args, sz, "{\"regions\":null,\"size\":%" PRIu64
+				 ",\"alignment\":%" PRIu64 "}", (uint64_t)q->size,
+				 (uint64_t)q->alignment);
+		return "cma-alloc-from";
+	case CMA_CTL_FREE:
+	case CMA_CTL_GET:
+	case CMA_CTL_PUT:
+		snprintf(args, sz, "{\"addr\":%" PRIu64 "}", (uint64_t)q->addr);
+		return q->op == CMA_CTL_FREE ? "cma-free" : q->op == CMA_CTL_GET ? "cma-get"
+									  : "cma-put";
+	case CMA_CTL_INFO:
+		jescape(a, sizeof(a), q->dev);
+		jescape(b, sizeof(b), q->kind);
+		snprintf(args, sz, "{\"dev\":\"%s\",\"kind\":\"%s\"}", a, b);
+		return "cma-info";
+	case CMA_CTL_INFO_ABOUT:
+		jescape(b, sizeof(b), q->regions);
+		if (q->regions[0])
+			snprintf(args, sz, "{\"regions\":\"%s\"}", b);
+		else
+			snprintf(args, sz, "{\"regions\":null}");
+		return "cma-info-about";
+	}
+	return NULL;
+}
+
+static void kernel_answer(const struct cma_ctl_request *q, struct cma_ctl_reply *a)
+{
+	static struct reply r;
+	char args[REQ_SIZE];
+	const char *execute;
+	uint64_t v;
+
+	memset(a, 0, sizeof(*a));
+	a->seq = q->seq;
+	execute = kernel_command(q, args, sizeof(args));
+	if (!execute) {
+		a->error = -EINVAL;
+		return;
+	}
+	memset(&r, 0, sizeof(r));
+	errno = 0;
+	if (request("kernel", execute, args, &r, 1)) {
+		const struct jfield *cls = field(&r, "class");
+
+		if (r.kind == R_ERROR && r.has_id && r.id == next_req_id - 1)
+			a->error = -errno_of(cls && cls->type == J_STR ? cls->str : "");
+		else
+			a->error = errno == ETIMEDOUT ? -ETIMEDOUT : -EIO;
+		return;
+	}
+	if (!field_num(&r, "addr", &v))
+		a->addr = v;
+	if (!field_num(&r, "size", &v))
+		a->size = v;
+	if (!field_num(&r, "lower_bound", &v))
+		a->lower_bound = v;
+	if (!field_num(&r, "upper_bound", &v))
+		a->upper_bound = v;
+	if (!field_num(&r, "total_size", &v))
+		a->total_size = v;
+	if (!field_num(&r, "free_size", &v))
+		a->free_size = v;
+	if (!field_num(&r, "count", &v))
+		a->count = v;
+	if (q->op == CMA_CTL_PUT) {
+		const struct jfield *freed = field(&r, "freed");
+
+		a->count = freed && freed->num;
+	}
+}
+
+/*
+ * -k: hold the channel and /dev/cma-ctl, answer the module's requests one at a time. Runs
+ * until killed; closing /dev/cma-ctl (by exit) makes the module fail waiting callers with
+ * ENODEV.
+ */
+static int serve_kernel(void)
+{
+	struct cma_ctl_request q;
+	struct cma_ctl_reply a;
+	int ctl = open(CTL_PATH, O_RDWR | O_CLOEXEC);
+
+	if (ctl < 0) {
+		err("kernel", errno == EBUSY ? "EBUSY" : "ENODEV", "%s: %s%s", CTL_PATH,
+		    strerror(errno), errno == ENOENT ? " (is the cma_guest module loaded?)" : "");
+		return 1;
+	}
+	if (chan_open("kernel", 0))
+		return 1;
+	for (;;) {
+		ssize_t n = read(ctl, &q, sizeof(q));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n != (ssize_t)sizeof(q)) {
+			err("kernel", "EIO", "%s: %s", CTL_PATH, n < 0 ? strerror(errno) : "short read");
+			return 1;
+		}
+		kernel_answer(&q, &a);
+		if (write(ctl, &a, sizeof(a)) != (ssize_t)sizeof(a)) {
+			err("kernel", "EIO", "%s: %s", CTL_PATH, strerror(errno));
+			return 1;
+		}
+	}
+}
+
 /* ------------------------------------------------------------------ main */
 
 int main(int argc, char **argv)
 {
 	static char line[MAX_LINE + 2], prev[MAX_LINE + 2], work[MAX_LINE + 2];
-	int have_prev = 0, interactive, opt;
+	int have_prev = 0, interactive, opt, kernel = 0;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	channel_path = getenv("CMA_CHANNEL");
-	while ((opt = getopt(argc, argv, "d:t:h")) != -1) {
+	while ((opt = getopt(argc, argv, "d:t:hk")) != -1) {
 		switch (opt) {
 		case 'd':
 			channel_path = optarg;
@@ -1300,6 +1455,9 @@ int main(int argc, char **argv)
 		case 'h':
 			usage(stdout);
 			return 0;
+		case 'k':
+			kernel = 1;
+			break;
 		default:
 			usage(stderr);
 			return 2;
@@ -1309,6 +1467,8 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	if (kernel)
+		return serve_kernel();
 	interactive = isatty(STDIN_FILENO);
 	if (interactive)
 		usage(stderr);
