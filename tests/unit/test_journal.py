@@ -309,7 +309,10 @@ def test_a_chunk_that_no_longer_fits_restores_nothing(tmp_path: Path) -> None:
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["alloc", "free", "get", "put"]), st.integers(0, 50)),
+        st.tuples(
+            st.sampled_from(["alloc", "free", "get", "put", "map", "asterisk"]),
+            st.integers(0, 50),
+        ),
         max_size=60,
     )
 )
@@ -323,6 +326,10 @@ def test_any_history_restores_to_the_same_state(ops: list[tuple[str, int]]) -> N
             if op == "alloc":
                 with contextlib.suppress(ENOMEM):
                     cma.alloc("d", "", (n + 1) * K, owner=f"o{n % 3}")
+            elif op == "map":
+                cma.set_map(["*/*=a,b", "*/*=b", "d/*=a;*/*=b"][n % 3])
+            elif op == "asterisk":
+                cma.set_asterisk(["a,b", "b", ""][n % 3])
             elif live:
                 chunk = live[n % len(live)]
                 getattr(cma, op)(chunk.start)
@@ -330,6 +337,7 @@ def test_any_history_restores_to_the_same_state(ops: list[tuple[str, int]]) -> N
         again = make()
         open_journal(again, path)[0].close()
         assert state_of(again) == state_of(cma)
+        assert (again.map_text, again.asterisk_text) == (cma.map_text, cma.asterisk_text)
 
 
 def test_one_agent_at_a_time_and_the_lock_goes_with_it(tmp_path: Path) -> None:
