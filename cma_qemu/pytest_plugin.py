@@ -18,6 +18,12 @@ Fixtures:
 
 The asyncio parts run on a private event loop thread, so tests are plain functions.
 
+Test reports: a failed test's report carries the console of every board that printed
+something since the test started (a ``Captured stdout: guest console ...`` section: in the
+terminal, and in JUnit ``system-out`` with ``-o junit_logging=system-out`` or ``all``), and
+``--cma-log-dir DIR`` writes each test's console to ``DIR/NODEID.BOARD.log``, passed or not.
+Boards are session-scoped: under pytest-xdist each worker boots its own.
+
 While boards are up, SIGTERM and SIGHUP stop the session the way Ctrl-C does (pytest's
 "KeyboardInterrupt" path, :mod:`cma_qemu.lifecycle`): the running test is abandoned, every
 board is shut down and its files removed, and pytest exits with 128 + the signal number (143,
@@ -30,9 +36,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import re
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -52,6 +60,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """``--cma-board``: the board ``cma_board`` boots (default ``virt``)."""
     group = parser.getgroup("cma-qemu")
     group.addoption("--cma-board", default="virt", help="board the cma-qemu fixtures boot")
+    group.addoption(
+        "--cma-log-dir",
+        metavar="DIR",
+        default=None,
+        help="write each test's guest console output to DIR/NODEID.BOARD.log",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,6 +78,62 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """A session that SIGTERM or SIGHUP stopped (while boards were up) exits 128 + signal."""
     if _Boards.stopped_by is not None:
         session.exitstatus = 128 + _Boards.stopped_by
+
+
+#: Console positions of the boards that were up when a test started: where its output begins.
+_CONSOLE_START = pytest.StashKey[dict[str, int]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Mark where each live board's console stands before the test's fixtures run."""
+    item.stash[_CONSOLE_START] = {
+        label: session.console_mark() for label, session in _Boards.live_sessions()
+    }
+
+
+def _consoles_since_start(item: pytest.Item) -> list[tuple[str, str]]:
+    """``(board label, console text)`` printed since ``item`` started, boards with output only.
+
+    A board booted during the test counts from its first line (its boot log). Cost: one copy
+    of each board's retained transcript (at most 1 MiB each).
+    """
+    start = item.stash.get(_CONSOLE_START, {})
+    out = []
+    for label, session in _Boards.live_sessions():
+        text = session.console_since(start.get(label, 0))
+        if text.strip():
+            out.append((label, text))
+    return out
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed phase's report gets the guest consoles; ``--cma-log-dir`` gets every test's."""
+    report = yield
+    if report.failed:
+        for label, text in _consoles_since_start(item):
+            # on this report (terminal), and on the item's, so the teardown report that
+            # JUnit writes ``system-out`` from carries it too
+            key = f"stdout: guest console ({label})"
+            item.add_report_section(report.when, key, text)
+            report.sections.append((f"Captured {key} {report.when}", text))
+    log_dir = item.config.getoption("--cma-log-dir")
+    if log_dir:
+        # after every phase: the file grows with the test; the last test's teardown closes
+        # the boards, and then the file written after its call stays
+        _write_console_logs(Path(log_dir), item)
+    return report
+
+
+def _write_console_logs(directory: Path, item: pytest.Item) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^\w.-]+", "_", item.nodeid).strip("_")
+    for label, text in _consoles_since_start(item):
+        board = re.sub(r"[^\w.-]+", "_", label)
+        (directory / f"{name}.{board}.log").write_text(text)
 
 
 class _LoopThread:
@@ -249,17 +319,40 @@ class BoardSession:
     guest: Guest
     _close: Callable[[], None] = field(repr=False)
 
+    def console_mark(self) -> int:
+        """Where the guest console's transcript stands now (0 if there is none)."""
+        with contextlib.suppress(Exception):  # closed, or a machine without a console
+            return self.agent.agent.console.transcript.total
+        return 0
+
+    def console_since(self, mark: int) -> str:
+        """Console output after ``mark``, CRs removed ("" if there is none)."""
+        with contextlib.suppress(Exception):
+            return self.agent.agent.console.transcript.since(mark)[1].replace("\r", "")
+        return ""
+
 
 class _Boards:
     """Boots boards on first use and shuts them all down at the end of the session."""
 
     #: The signal that stopped a session with boards up (for the exit status), or None.
     stopped_by: int | None = None
+    #: The instance the ``cma_boot`` fixture holds (one per pytest process, xdist worker).
+    current: _Boards | None = None
 
     def __init__(self) -> None:
         self._loop: _LoopThread | None = None
         self._sessions: dict[tuple[Any, ...], BoardSession] = {}
+        self._labels: dict[tuple[Any, ...], str] = {}
         self._signals = contextlib.ExitStack()
+
+    @classmethod
+    def live_sessions(cls) -> list[tuple[str, BoardSession]]:
+        """``(label, session)`` of every board up now: the board name, ``#N`` for others."""
+        boards = cls.current
+        if boards is None:
+            return []
+        return [(boards._labels[key], s) for key, s in list(boards._sessions.items())]
 
     def boot(
         self,
@@ -285,6 +378,8 @@ class _Boards:
             loop.run(agent.close(), 60)
 
         session = BoardSession(SyncAgent(agent, loop), Guest(agent, loop), close)
+        same = sum(1 for k in self._sessions if k[0] == board)
+        self._labels[key] = board if same == 0 else f"{board}#{same + 1}"
         self._sessions[key] = session
         return session
 
@@ -296,6 +391,7 @@ class _Boards:
                 except Exception as error:  # keep closing the others
                     print(f"cma-qemu: closing a board failed: {error}")
             self._sessions.clear()
+            self._labels.clear()
             if self._loop is not None:
                 self._loop.stop()
                 self._loop = None
@@ -307,10 +403,11 @@ class _Boards:
 @pytest.fixture(scope="session")
 def cma_boot() -> Iterator[Callable[..., BoardSession]]:
     """Factory: ``cma_boot(board, regions=..., map_text=..., asterisk=...)``, booted once."""
-    boards = _Boards()
+    boards = _Boards.current = _Boards()
     try:
         yield boards.boot
     finally:
+        _Boards.current = None
         boards.close()
 
 
