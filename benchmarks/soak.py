@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from cma_qemu import lifecycle
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 
@@ -158,7 +159,7 @@ async def soak(args: argparse.Namespace) -> int:
                 f"shm {cycle.shm_files}  tmp {cycle.tmp_dirs}",
                 flush=True,
             )
-    except asyncio.CancelledError:  # Ctrl-C: the board of the cycle is shut down; report
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM: the cycle's board is shut down; report
         task = asyncio.current_task()
         if not cycles or task is None:
             raise
@@ -193,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cycles < 1 or args.window < 1:
         parser.error("--cycles and --window must be at least 1")
     try:
-        return asyncio.run(soak(args))
-    except KeyboardInterrupt:
-        return 130
+        return lifecycle.run(soak(args))  # SIGTERM and SIGHUP unwind like Ctrl-C
+    except KeyboardInterrupt as interrupt:
+        return lifecycle.exit_status(interrupt)
 
 
 if __name__ == "__main__":
