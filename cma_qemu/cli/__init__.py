@@ -103,11 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
     att.add_argument("--json", action="store_true", help="print the regions and sockets as JSON")
     _record_option(att)
-    att.add_argument(
+    state = att.add_mutually_exclusive_group()
+    state.add_argument(
         "--state",
         metavar="FILE",
         help="journal of the agent's state, restored on the next attach "
         "(default: cma-state.journal beside the QMP socket)",
+    )
+    state.add_argument(
+        "--no-state", action="store_true", help="keep no journal (a restart loses the chunks)"
     )
     att.set_defaults(handler=_lazy("machine", "cmd_attach"))
 
@@ -124,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     qcmd.add_argument(
         "--json", action="store_true", help="argv, sockets, regions and the attach command"
+    )
+    qcmd.add_argument(
+        "--no-console",
+        action="store_true",
+        help="leave out the stdio console (a harness adds its own as the first -serial)",
     )
     qcmd.set_defaults(handler=_lazy("qemu_command", "cmd_qemu_command"))
 

@@ -119,6 +119,7 @@ async def _attach(args: argparse.Namespace) -> int:
         monitor_path=Path(args.monitor) if args.monitor else None,
         record=Path(args.record) if args.record else None,
         state=Path(args.state) if args.state else None,
+        journal=not args.no_state,
     )
     async with agent:
         if args.json:

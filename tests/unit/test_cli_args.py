@@ -89,3 +89,12 @@ def test_replay_with_the_aquila_string_as_a_separate_argument(
     assert (separate.out, separate.err) == (joined.out, joined.err)
     assert separate.out.startswith("1: 0x100000@")
     assert separate.err == ""
+
+
+def test_attach_state_options() -> None:
+    attach = COMMANDS[1]
+    assert (parse_args(attach).state, parse_args(attach).no_state) == (None, False)
+    assert parse_args([*attach, "--state", "j"]).state == "j"
+    assert parse_args([*attach, "--no-state"]).no_state is True
+    with pytest.raises(SystemExit):
+        parse_args([*attach, "--state", "j", "--no-state"])
