@@ -129,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     qcmd.add_argument(
         "--json", action="store_true", help="argv, sockets, regions and the attach command"
     )
+    qcmd.add_argument(
+        "--no-console",
+        action="store_true",
+        help="leave out the stdio console (a harness adds its own as the first -serial)",
+    )
     qcmd.set_defaults(handler=_lazy("qemu_command", "cmd_qemu_command"))
 
     ins = commands.add_parser("inspect", help="ask a running agent's monitor (QMP) what it holds")

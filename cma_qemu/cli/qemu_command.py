@@ -49,7 +49,7 @@ def describe(args: argparse.Namespace) -> tuple[PreparedLaunch, dict[str, Any]]:
     if directory.exists() and not directory.is_dir():
         raise EINVAL(f"{directory} exists and is not a directory", where="--dir")
     try:
-        launch = prepare_launch(board, reservations, directory)
+        launch = prepare_launch(board, reservations, directory, console=not args.no_console)
     except OSError as error:
         raise from_os_error(error, "--dir") from None
     regions, _ = local_snapshot(cma)

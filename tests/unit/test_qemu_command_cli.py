@@ -96,6 +96,16 @@ def test_plain_output_is_one_shell_quoted_line(
     assert "'console=ttyAMA0 cma=0 panic=1 cma_qemu.channel=org.cma.0'" in plain
 
 
+def test_no_console_leaves_the_first_serial_port_to_the_harness(
+    image: Image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["qemu-command", "virt", "--dir", str(tmp_path), "--no-console"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert "-serial" not in argv
+    assert not any(a.startswith("stdio") for a in opt_after(argv, "-chardev"))
+    assert opt_after(argv, "-device")[-1].startswith("virtserialport,")
+
+
 def test_regions_and_a_leading_dash_string_reach_the_dtb_and_attach(
     image: Image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
