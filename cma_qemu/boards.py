@@ -17,6 +17,7 @@ from typing import Any, Literal, cast
 
 from cma_qemu.attributes import parse_asterisk, parse_map, parse_memsize, parse_regions
 from cma_qemu.errors import EINVAL, ENOENT, AttributeSyntaxError
+from cma_qemu.machine.profiles import PROFILES, MemoryAccess
 from cma_qemu.regions import RamBank, RamLayout, ReservedRange
 from cma_qemu.shipped import shipped_dir
 
@@ -30,12 +31,6 @@ __all__ = [
 ]
 
 ChannelKind = Literal["virtio-serial", "uart"]
-MemoryAccess = Literal["mmap", "pmemsave"]
-_MACHINES: dict[str, dict[str, str]] = {
-    # QEMU -M: what the rest of the stack needs to know about it
-    "virt": {"flavour": "armmp-lpae", "console": "ttyAMA0", "access": "mmap"},
-    "smdkc210": {"flavour": "armmp", "console": "ttySAC0", "access": "pmemsave"},
-}
 
 
 @dataclass(frozen=True)
@@ -202,15 +197,15 @@ def load_board_file(path: Path) -> Board:
 
     machine = reader.table(data, "machine", {"type", "cpu", "kernel"})
     machine_type = reader.string(machine, "type", "machine")
-    if machine_type not in _MACHINES:
+    if machine_type not in PROFILES:
         raise reader.fail(
-            "machine.type", f"{machine_type!r} is not supported (supported: {', '.join(_MACHINES)})"
+            "machine.type", f"{machine_type!r} is not supported (supported: {', '.join(PROFILES)})"
         )
-    facts = _MACHINES[machine_type]
+    profile = PROFILES[machine_type]
     cpu = machine.get("cpu")
     if cpu is not None and not isinstance(cpu, str):
         raise reader.fail("machine.cpu", "must be a string")
-    flavour = reader.string(machine, "kernel", "machine", facts["flavour"])
+    flavour = reader.string(machine, "kernel", "machine", profile.kernel_flavour)
     if flavour not in ("armmp", "armmp-lpae"):
         raise reader.fail(
             "machine.kernel", f"{flavour!r} is not a Debian armhf flavour (armmp, armmp-lpae)"
@@ -232,8 +227,10 @@ def load_board_file(path: Path) -> Board:
     for low, high in pairwise(ordered):
         if high.base < low.end:
             raise reader.fail("ram", f"banks at {low.base:#x} and {high.base:#x} overlap")
-    if machine_type == "virt" and any(b.end != h.base for b, h in pairwise(ordered)):
-        raise reader.fail("ram", "QEMU virt has one contiguous RAM block: banks must touch")
+    if profile.contiguous_ram and any(b.end != h.base for b, h in pairwise(ordered)):
+        raise reader.fail(
+            "ram", f"QEMU {machine_type} has one contiguous RAM block: banks must touch"
+        )
 
     keep_free: list[ReservedRange] = []
     reserve = data.get("reserve", [])
@@ -259,8 +256,9 @@ def load_board_file(path: Path) -> Board:
     kind = reader.string(channel_table, "kind", "channel")
     if kind not in ("virtio-serial", "uart"):
         raise reader.fail("channel.kind", f"{kind!r}: must be 'virtio-serial' or 'uart'")
-    if machine_type == "smdkc210" and kind != "uart":
-        raise reader.fail("channel.kind", "smdkc210 has no virtio bus: use 'uart'")
+    if kind not in profile.channel_kinds:
+        use = " or ".join(map(repr, profile.channel_kinds))
+        raise reader.fail("channel.kind", f"{machine_type} has no virtio bus: use {use}")
     fifo_status = channel_table.get("rx_fifo_status")
     if fifo_status is not None and (
         isinstance(fifo_status, bool) or not isinstance(fifo_status, int)
@@ -299,11 +297,11 @@ def load_board_file(path: Path) -> Board:
         machine_type=machine_type,
         cpu=cpu,
         kernel_flavour=flavour,
-        console=facts["console"],
+        console=profile.console,
         ram=tuple(ram),
         keep_free=tuple(keep_free),
         channel=channel,
-        memory_access=cast(MemoryAccess, facts["access"]),
+        memory_access=profile.memory_access,
         regions=regions,
         map=map_text,
         asterisk=asterisk,

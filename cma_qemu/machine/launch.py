@@ -68,6 +68,7 @@ from cma_qemu.machine.devicetree import (
     drop_uart_dma,
     dump_qemu_dtb,
 )
+from cma_qemu.machine.events import EventHub, QmpEvent, Subscription
 from cma_qemu.machine.loader import (
     LoadedRange,
     check_reservations,
@@ -75,15 +76,8 @@ from cma_qemu.machine.loader import (
     loader_ranges,
 )
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory, PmemsaveGuestMemory
-from cma_qemu.machine.qmp import (
-    BoardLike,
-    EventHub,
-    QmpEvent,
-    Subscription,
-    connect_qmp,
-    ram_extent,
-    uart_rx_level,
-)
+from cma_qemu.machine.profiles import BoardLike, profile_of, ram_extent
+from cma_qemu.machine.qmp import connect_qmp, uart_rx_level
 from cma_qemu.machine.verify import verify_reservations
 from cma_qemu.units import MiB
 
@@ -115,9 +109,6 @@ RAM_BACKEND_ID = "ram0"
 VIRTIO_SERIAL_ID = "vser0"
 #: QEMU only sends VSERPORT_CHANGE for ports that have an ``id``.
 CHANNEL_PORT_ID = "cmaport0"
-_CONSOLES = {"virt": "ttyAMA0", "smdkc210": "ttySAC0"}
-#: UFSTAT of the Exynos4210's UART0 (the smdkc210 console): its receive FIFO level.
-_EXYNOS_UART0_UFSTAT = 0x13800018
 
 
 class GuestImageLike(Protocol):
@@ -164,19 +155,14 @@ def _size(nbytes: int) -> str:
 
 
 def console_device(board: BoardLike) -> str:
-    """The guest's console tty (``console=``): the board's, or the machine's default."""
-    console = getattr(board, "console", None)
-    if console:
-        return str(console)
-    try:
-        return _CONSOLES[board.machine_type]
-    except KeyError:
-        raise EINVAL(f"no console known for QEMU machine {board.machine_type!r}") from None
+    """The guest's console tty (``console=``), from the machine's profile."""
+    return profile_of(board, "console").console
 
 
 def uses_ram_file(board: BoardLike) -> bool:
-    """True when guest RAM is a shared file the host maps (virt with mmap access)."""
-    return board.machine_type == "virt" and board.memory_access == "mmap"
+    """True when guest RAM is a shared file the host maps (a machine that takes a memory
+    backend, with mmap access)."""
+    return profile_of(board).honours_ram_size and board.memory_access == "mmap"
 
 
 def machine_args(board: BoardLike, ram_file: Path | None) -> list[str]:
@@ -194,7 +180,7 @@ def machine_args(board: BoardLike, ram_file: Path | None) -> list[str]:
     args = ["-M", mopts, *args]
     if board.cpu:
         args += ["-cpu", board.cpu]
-    if board.machine_type != "smdkc210":  # fixed 1 GiB; QEMU ignores -m there
+    if profile_of(board).honours_ram_size:  # smdkc210: a fixed 1 GiB, QEMU ignores -m
         args += ["-m", _size(total)]
     return [*args, "-nodefaults", "-no-user-config", "-display", "none"]
 
@@ -283,14 +269,16 @@ def write_patched_dtb(
     for p in (image.kernel, image.initrd):
         if not Path(p).is_file():
             raise ENODEV(f"guest file {p} is missing; run `cma-qemu guest build`")
-    if board.machine_type == "virt":
+    profile = profile_of(board)
+    if profile.dtb_source == "qemu":
         dtb = dump_qemu_dtb(machine_args(board, files.ram_file), qemu=qemu)
     else:
         if image.dtb is None or not Path(image.dtb).is_file():
             raise ENODEV(f"the guest image has no device tree for {board.machine_type}")
         dtb = Path(image.dtb).read_bytes()
+    if profile.drop_uart_dma:
         # The console (UART0) and a UART channel receive through the UART's FIFO only.
-        dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{console_device(board)}"))
+        dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{profile.console}"))
         if board.channel.kind == "uart":
             dtb = drop_uart_dma(dtb, _uart_index(board.channel.name))
     patched = add_reserved_memory(dtb, reservations, compatible=compatible)
@@ -667,10 +655,15 @@ class Machine:
         pid = child.pid
         assert pid is not None
         self._leftovers.pid = pid
-        # QEMU 7.2's Exynos UART loses a receive FIFO filled to 64 bytes: type console lines
-        # in bursts, each once the FIFO (UART0's UFSTAT, read over QMP) has room.
-        if self.board.machine_type == "smdkc210":
-            self._console = Console(child, pacing=(16, 0.001), fifo_level=self._console_fifo_level)
+        # A console UART with a FIFO register (the profile's; Exynos: QEMU 7.2 loses a receive
+        # FIFO filled to 64 bytes): type lines in bursts, each once the FIFO has room.
+        profile = profile_of(self.board)
+        if profile.console_fifo_status is not None:
+            self._console = Console(
+                child,
+                pacing=(profile.console_burst, 0.001),
+                fifo_level=self._console_fifo_level,
+            )
         else:
             self._console = Console(child)
         self._loop = asyncio.get_running_loop()
@@ -679,14 +672,17 @@ class Machine:
             asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
 
     def _console_fifo_level(self) -> int:
-        """UART0's receive FIFO level, from a console thread (0 before QMP is up)."""
+        """The console UART's receive FIFO level, from a console thread (0 before QMP is up)."""
         qmp, loop = self._qmp, self._loop
         if qmp is None or loop is None or not loop.is_running():
             return 0
         with contextlib.suppress(RuntimeError):
             if asyncio.get_running_loop() is loop:
                 return 0  # typed from the loop itself: cannot wait on it here
-        future = asyncio.run_coroutine_threadsafe(uart_rx_level(qmp, _EXYNOS_UART0_UFSTAT), loop)
+        status = profile_of(self.board).console_fifo_status
+        if status is None:
+            return 0
+        future = asyncio.run_coroutine_threadsafe(uart_rx_level(qmp, status), loop)
         try:
             return future.result(timeout=5)
         except Exception:  # QMP gone: the console will fail on its own terms

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cma_qemu.errors import EADDRINUSE, EINVAL, ENOENT
+from cma_qemu.machine.profiles import machine_profile
 from cma_qemu.units import KiB, MiB, align_up, ranges_overlap
 
 __all__ = [
@@ -195,8 +196,7 @@ def loader_ranges(
     base``. ``initrd`` is a path or its size; ``dtb_size_budget`` is what QEMU reserves for
     the DTB (:func:`dtb_load_size` of the ``-dtb`` file). Ranges come back in address order.
     """
-    if machine_type not in ("virt", "smdkc210"):
-        raise EINVAL(f"no loader rules for QEMU machine {machine_type!r}", where="machine")
+    machine_profile(machine_type, "loader rules")
     if ram_size <= 0:
         raise EINVAL("RAM size must be positive", where="machine")
     info = kernel if isinstance(kernel, ZImageInfo) else parse_zimage(kernel)

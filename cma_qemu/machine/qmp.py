@@ -21,7 +21,7 @@ from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from cma_qemu.errors import EIO, ENODEV, ETIMEDOUT
 from cma_qemu.machine.hmp_text import MtreeRange, RomEntry, parse_info_roms, parse_mtree
-from cma_qemu.machine.profiles import BoardLike as BoardLike  # launch.py: for now
+from cma_qemu.machine.profiles import BoardLike
 
 __all__ = [
     "Chardev",
@@ -276,11 +276,3 @@ async def find_channel_chardev(
                 where="qmp",
             )
     return dev
-
-
-# Transitional names for launch.py's imports (another change to it is in progress); they go
-# once it imports them from events and profiles.
-from cma_qemu.machine.events import EventHub as EventHub  # noqa: E402
-from cma_qemu.machine.events import QmpEvent as QmpEvent  # noqa: E402
-from cma_qemu.machine.events import Subscription as Subscription  # noqa: E402
-from cma_qemu.machine.profiles import ram_extent as ram_extent  # noqa: E402
