@@ -15,9 +15,9 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from cma_qemu.channel.session import FifoGate, GuestSession
+from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EADDRINUSE, ENOENT, ETIMEDOUT
 from cma_qemu.framework import Chunk, Cma
 
@@ -40,7 +40,7 @@ class _Port:
     gate: FifoGate | None = None
 
 
-class ChannelServer:
+class ChannelServer(AsyncClosing):
     """The guest sessions of one machine, one per channel port.
 
     Each port's chunks are owned by ``"guest:<port>"`` in the framework, so inspection tools
@@ -142,17 +142,6 @@ class ChannelServer:
         self._ports.clear()
         for entry in ports:
             await self._stop(entry)
-
-    async def __aenter__(self) -> ChannelServer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @staticmethod
     async def _stop(entry: _Port) -> None:

@@ -10,10 +10,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from qemu.qmp import QMPClient
 
+from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EIO
 from cma_qemu.machine import rundir
 from cma_qemu.machine.events import EventHub
@@ -46,7 +46,7 @@ async def open_guest_memory(
 
 
 @dataclass
-class AttachedMachine:
+class AttachedMachine(AsyncClosing):
     """A QEMU this process does not own: QMP, guest memory, the channel, events.
 
     Closing it disconnects and frees host resources; it never stops QEMU.
@@ -70,17 +70,6 @@ class AttachedMachine:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
-
-    async def __aenter__(self) -> AttachedMachine:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def attach(

@@ -53,12 +53,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import pexpect
 from qemu.qmp import QMPClient, QMPError
 
+from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EINVAL, EIO, ENODEV, CmaError
 from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
@@ -424,7 +424,7 @@ class _Leftovers:
         self.fds.clear()
 
 
-class Machine:
+class Machine(AsyncClosing):
     """A QEMU guest this process launched and owns; ``async with Machine(board) as m: ...``.
 
     After start: ``qmp`` (a connected ``QMPClient``), ``console``, ``memory``,
@@ -550,14 +550,6 @@ class Machine:
 
     async def __aenter__(self) -> Machine:
         return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> Machine:
         """Prepare files, launch QEMU, connect QMP, wait for the guest (cleans up on failure)."""

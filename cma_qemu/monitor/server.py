@@ -17,9 +17,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
+from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EADDRINUSE, EIO, CmaError
 from cma_qemu.framework import Chunk, Cma, CmaEvent
 from cma_qemu.monitor.commands import MemoryReader, MonitorCommands
@@ -54,7 +54,7 @@ _UNENDED_REPLY: Final = encode_error(
 )
 
 
-class Monitor:
+class Monitor(AsyncClosing):
     """A QMP server over one :class:`~cma_qemu.framework.Cma`.
 
     ``read_memory`` backs ``cma-read`` (the machine layer's guest memory reader); without it
@@ -143,17 +143,6 @@ class Monitor:
             self._server = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-
-    async def __aenter__(self) -> Monitor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ------------------------------------------------------------------ events
     def emit(self, name: str, data: dict[str, object]) -> None:
