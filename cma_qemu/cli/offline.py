@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from cma_qemu.boards import Board, list_boards, load_board
+from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, ENOENT
-from cma_qemu.replay import ReplayResult, build_cma, parse_ram, replay
+from cma_qemu.replay import ReplayResult, parse_ram, replay
 
 __all__ = ["ReplayProgress", "cmd_boards", "cmd_guest_build", "cmd_replay", "read_script"]
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from cma_qemu.boards import load_board
+from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, from_os_error
 from cma_qemu.machine.launch import PreparedLaunch, prepare_launch
-from cma_qemu.replay import build_cma
 from cma_qemu.views import local_snapshot
 
 __all__ = ["attach_argv", "cmd_qemu_command", "describe"]

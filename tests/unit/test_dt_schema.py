@@ -26,6 +26,7 @@ import fdt
 import pytest
 
 from cma_qemu.boards import Board, load_board
+from cma_qemu.configuration import build_cma
 from cma_qemu.guest_image import find_guest
 from cma_qemu.machine.devicetree import (
     RESERVED_MEMORY,
@@ -35,7 +36,6 @@ from cma_qemu.machine.devicetree import (
     node_name,
 )
 from cma_qemu.machine.launch import console_device, machine_args
-from cma_qemu.replay import build_cma
 
 BOARDS = ["virt", "aquila", "goni", "smdkc210"]
 #: Installed with the package's ``test`` extra, next to this interpreter.

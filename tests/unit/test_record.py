@@ -17,11 +17,12 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.boards import load_board
 from cma_qemu.cli import main
+from cma_qemu.configuration import build_cma
 from cma_qemu.errors import ENOENT, CmaError, from_os_error
 from cma_qemu.framework import Cma
 from cma_qemu.monitor import Monitor
 from cma_qemu.record import Recorder, RecordingHeader, RecordingSwitch
-from cma_qemu.replay import build_cma, replay
+from cma_qemu.replay import replay
 from cma_qemu.script import FrameworkBackend, ScriptRunner
 
 BOARD = load_board("virt")

@@ -18,9 +18,10 @@ from cma_qemu.boards import load_board
 from cma_qemu.churn import churn_script
 from cma_qemu.cli import main, offline
 from cma_qemu.cli.offline import ReplayProgress
+from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL
 from cma_qemu.regions import RamBank
-from cma_qemu.replay import build_cma, external_fragmentation, parse_ram, replay
+from cma_qemu.replay import external_fragmentation, parse_ram, replay
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ROOT = DATA.parent.parent
@@ -404,7 +405,7 @@ def test_closed_stdout_pipe_is_not_a_traceback() -> None:
 
 def test_build_cma_puts_every_region_on_one_allocator() -> None:
     from cma_qemu.boards import load_board
-    from cma_qemu.replay import build_cma
+    from cma_qemu.configuration import build_cma
 
     cma = build_cma(board=load_board("virt"), allocator="bitmap")
     assert {r.allocator_name for r in cma.regions} == {"bitmap"}
