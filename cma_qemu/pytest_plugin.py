@@ -247,9 +247,9 @@ class SyncAgent:
     def reset_guest(self, timeout: float = 120) -> None:
         """``system_reset`` and wait until the guest is up again."""
         machine = self._agent.machine
-        mark = machine.console.mark()  # type: ignore[union-attr]
+        mark = machine.console.mark()
         self.qmp("system_reset")
-        self.call(machine.wait_ready(timeout, since=mark), timeout)  # type: ignore[union-attr]
+        self.call(machine.wait_ready(timeout, since=mark), timeout)
 
     def release_leftovers(self) -> list[Chunk]:
         """Free what the guest and the monitor still hold (between tests)."""

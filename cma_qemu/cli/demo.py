@@ -128,7 +128,7 @@ async def _demo(board: Board, console: Console) -> int:
     async with agent:
         console.rule(f"[bold]cma-qemu demo[/bold]: {board.description}")
         console.print(
-            f"guest up in {getattr(agent.machine, 'boot_time', 0) or 0:.1f} s; every region is "
+            f"guest up in {agent.machine.boot_time or 0:.1f} s; every region is "
             "a /reserved-memory node the guest kernel honoured (checked in /proc/iomem)"
         )
         console.print(region_table(local_snapshot(agent.cma)[0]))

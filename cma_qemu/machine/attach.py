@@ -16,6 +16,7 @@ from qemu.qmp import QMPClient
 from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EIO
 from cma_qemu.machine import rundir
+from cma_qemu.machine.console import Console
 from cma_qemu.machine.events import EventHub
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory, PmemsaveGuestMemory
 from cma_qemu.machine.profiles import BoardLike, ram_extent
@@ -60,6 +61,17 @@ class AttachedMachine(AsyncClosing):
     memory: GuestMemory
     events: EventHub
     _tmpdir: tempfile.TemporaryDirectory[str] | None = None
+    #: This process did not boot the guest.
+    boot_time: float | None = None
+
+    @property
+    def console(self) -> Console:
+        """Not here: the console belongs to whoever started QEMU."""
+        raise EIO("an attached machine has no console here", where="agent")
+
+    async def wait_ready(self, timeout: float | None = None, *, since: int | None = None) -> str:
+        """Not here: the ready marker is on the console (see :attr:`console`)."""
+        raise EIO("an attached machine has no console here", where="agent")
 
     async def close(self) -> None:
         """Disconnect; QEMU keeps running."""
