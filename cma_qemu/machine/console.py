@@ -33,7 +33,7 @@ import pexpect
 
 from cma_qemu.errors import EIO, ETIMEDOUT
 
-__all__ = ["PROMPT", "READY_RE", "Console", "Transcript"]
+__all__ = ["PROMPT", "READY_RE", "Console", "Transcript", "require_success"]
 
 #: The guest init's ready line; group 1 is the channel the guest found.
 READY_RE = re.compile(r"cma-qemu: ready channel=(\S+?)\r*\n")
@@ -41,6 +41,17 @@ READY_RE = re.compile(r"cma-qemu: ready channel=(\S+?)\r*\n")
 PROMPT = "cma# "
 #: How many characters of console output the transcript keeps (the boot log is kept apart).
 TRANSCRIPT_LIMIT = 1 << 20
+
+
+def require_success(cmd: str, output: str, status: int) -> str:
+    """``output`` when ``status`` is 0; else EIO naming the command, its status and output.
+
+    The one check that a guest command succeeded: the console's, the guest shell's and the
+    pytest plugin's.
+    """
+    if status != 0:
+        raise EIO(f"guest command {cmd!r} exited with status {status}: {output}", where="guest")
+    return output
 
 
 class Transcript:
@@ -263,10 +274,7 @@ class Console:
 
     async def check(self, cmd: str, timeout: float = 30.0) -> str:
         """Output of ``cmd``; EIO naming the command and its status if it fails."""
-        out, status = await self.run(cmd, timeout)
-        if status != 0:
-            raise EIO(f"guest command {cmd!r} exited with status {status}: {out}", where="guest")
-        return out
+        return require_success(cmd, *await self.run(cmd, timeout))
 
     def converse_sync(self, line: str | None, until: str | None, timeout: float = 30.0) -> str:
         """Type ``line`` (None: type nothing) and return the output before the text ``until``
