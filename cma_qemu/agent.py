@@ -27,7 +27,7 @@ from cma_qemu.errors import EIO, ENODEV
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.guest_image import build_guest, find_guest
 from cma_qemu.journal import JOURNAL_NAME, Journal, JournalIdentity, RestoreReport, qemu_identity
-from cma_qemu.machine.attach import AttachedMachine, attach
+from cma_qemu.machine.attached import AttachedMachine, attach
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.events import QmpEvent
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine

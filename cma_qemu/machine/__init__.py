@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cma_qemu.machine.attach import AttachedMachine, attach
+    from cma_qemu.machine.attached import AttachedMachine, attach
     from cma_qemu.machine.console import Console
     from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
     from cma_qemu.machine.events import EventHub, QmpEvent
@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from cma_qemu.machine.verify import verify_reservations
 
 _WHERE = {
-    "AttachedMachine": "attach",
-    "attach": "attach",
+    "AttachedMachine": "attached",
+    "attach": "attached",
     "Console": "console",
     "add_reserved_memory": "devicetree",
     "dump_qemu_dtb": "devicetree",

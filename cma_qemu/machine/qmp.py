@@ -3,7 +3,7 @@ memory map, ROMs, character devices and the guest channel's chardev.
 
 Everything here works on a plain :class:`qemu.qmp.QMPClient`, so the same helpers serve the
 agent's own :class:`~cma_qemu.machine.launch.Machine` and a QEMU someone else launched
-(:mod:`cma_qemu.machine.attach`). Events are in :mod:`cma_qemu.machine.events`, the parsers
+(:mod:`cma_qemu.machine.attached`). Events are in :mod:`cma_qemu.machine.events`, the parsers
 of HMP text in :mod:`cma_qemu.machine.hmp_text`.
 """
 

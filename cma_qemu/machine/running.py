@@ -1,6 +1,6 @@
 """What the agent and front ends use of a running QEMU, whether this process launched it
 (:class:`~cma_qemu.machine.launch.Machine`) or attached to it
-(:class:`~cma_qemu.machine.attach.AttachedMachine`).
+(:class:`~cma_qemu.machine.attached.AttachedMachine`).
 """
 
 from __future__ import annotations

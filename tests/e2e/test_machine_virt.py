@@ -16,7 +16,7 @@ import pytest_asyncio
 from machine_helpers import board, guest_image
 
 from cma_qemu.errors import EADDRINUSE, ETIMEDOUT, CmaError
-from cma_qemu.machine.attach import attach
+from cma_qemu.machine.attached import attach
 from cma_qemu.machine.launch import Machine
 from cma_qemu.machine.loader import covering
 from cma_qemu.machine.memory import MmapGuestMemory, PmemsaveGuestMemory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,26 @@ def test_an_unknown_machine_type_is_one_einval_naming_the_known_ones(name: str) 
         machine_profile(name, "console")
     with pytest.raises(EINVAL, match="no loader rules"):
         loader_ranges(name, 0x40000000, 1 << 28, Path("/no/kernel"), None, 0)
+
+
+def test_the_board_loader_does_not_load_qemu_client_or_pexpect() -> None:
+    """boards imports machine.profiles; the machine package loads its heavy modules lazily."""
+    code = (
+        "import sys, cma_qemu.boards; "
+        "print(sorted(m for m in ('pexpect', 'qemu.qmp', 'cma_qemu.machine.launch') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_machine_package_still_names_its_parts() -> None:
+    import cma_qemu.machine as machine
+    from cma_qemu.machine.attached import attach
+    from cma_qemu.machine.launch import Machine
+
+    assert machine.Machine is Machine and machine.attach is attach
+    for name in machine.__all__:
+        assert getattr(machine, name) is not None
+    with pytest.raises(AttributeError):
+        machine.no_such_name  # noqa: B018
