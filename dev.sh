@@ -22,6 +22,7 @@ APT_PACKAGES=(
     cpio                       # initramfs tooling (inspection)
     make                       # the guest kernel module build (kbuild from Debian headers)
     python3-venv               # the .venv
+    openssh-server             # sshd: the labgrid farm test reaches its "host" over ssh (own port)
     ca-certificates
 )
 VENV="$here/.venv"

@@ -7,6 +7,13 @@ socket it listens on); this driver only supplies the command line that ``cma-qem
 qemu-command`` prints, minus the stdio console, and attaches the agent to the QEMU labgrid
 started, through the QMP and channel sockets in a private directory.
 
+On a remote host (a farm): bound to a ``NetworkService`` (an exporter's, through a
+``RemotePlace``), the driver runs ``cma-qemu qemu-command`` and then QEMU on that host over
+ssh: QMP on ssh's stdio as labgrid expects, the console socket forwarded back with ``ssh -R``
+(QEMU connects to it), and ``cma-qemu attach`` on the host with its monitor forwarded here
+with ``ssh -L``; ``monitor_path`` is then the local end, and ``agent`` does not exist here.
+Keys for it: ``keyfile`` (ssh identity) and ``remote_cma_qemu`` (the command on the host).
+
 Env keys: ``board`` (default ``virt``), ``regions``, ``map``, ``asterisk``, ``allocator``, and
 QEMUDriver's own: ``qemu_bin`` (a ``tools`` key or a program), ``extra_args`` (appended) and
 ``boot_args`` (appended to the kernel command line). ``machine``, ``cpu`` and ``memory`` come
@@ -18,10 +25,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
+import os
+import secrets
+import select
 import shlex
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +87,14 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
     map: str | None = attr.ib(default=None, validator=_optional_str)
     asterisk: str | None = attr.ib(default=None, validator=_optional_str)
     allocator: str | None = attr.ib(default=None, validator=_optional_str)
+    keyfile: str = attr.ib(default="", validator=attr.validators.instance_of(str))
+    remote_cma_qemu: str = attr.ib(default="cma-qemu", validator=attr.validators.instance_of(str))
     _cmd: list[str]  # QEMUDriver's argv, set by its on_activate
+    _child: Any  # QEMUDriver's QEMU process (subprocess.Popen)
+    _clientsocket: Any  # QEMUDriver's end of the console socket
+
+    #: A ``NetworkService`` makes the board run on that host (over ssh); without one, here.
+    bindings = {"host": {"NetworkService", None}}  # noqa: RUF012
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -84,6 +104,9 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         self._cma_loop: _LoopThread | None = None
         self._cma_agent: SyncAgent | None = None
         self._cma_cleanup: Callable[[], None] | None = None
+        self._remote_dir: str | None = None
+        self._remote_info: dict[str, Any] | None = None
+        self._remote_agent: subprocess.Popen[str] | None = None
 
     # -- what labgrid runs ----------------------------------------------------------------
 
@@ -117,6 +140,8 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         )
         if self._cma_dir is None:
             raise EIO("the driver is not active", where="labgrid")
+        if self.host is not None:
+            return self._remote_base_args(board)
         qemu = self.target.env.config.get_tool(self.qemu_bin) if self.target.env else None
         launch = prepare_launch(
             board,
@@ -143,12 +168,19 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
             self._remove_dir()
             raise
         self._cmd = _console_first(self._cmd)
+        if self.host is not None:
+            self._cmd = self._over_ssh(self._cmd)
 
     def on_deactivate(self) -> None:
         try:
             super().on_deactivate()
         finally:
-            self._remove_dir()
+            try:
+                if self._remote_dir is not None:
+                    self._ssh_run(["rm", "-rf", self._remote_dir])
+            finally:
+                self._remote_dir = self._remote_info = None
+                self._remove_dir()
 
     @step()  # type: ignore[untyped-decorator]
     def on(self) -> None:
@@ -156,6 +188,14 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         if self.status:
             return
         super().on()
+        if self.host is not None:
+            try:
+                self._attach_remote()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.off()
+                raise
+            return
         launch, board = self._cma_launch, self._cma_board
         assert launch is not None and board is not None
         loop = _LoopThread()
@@ -187,20 +227,161 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
             self._detach()
         finally:
             try:
-                if self.status:
+                if self.status and self.host is not None:
+                    self._quit_remote()
+                elif self.status:
                     super().off()
             finally:
-                launch = self._cma_launch
-                if launch is not None and launch.files.ram_file is not None:
+                self._stop_remote_agent()
+                launch, info = self._cma_launch, self._remote_info
+                if info is not None and info.get("ram"):
+                    self._ssh_run(["rm", "-f", str(info["ram"])])
+                elif launch is not None and launch.files.ram_file is not None:
                     with contextlib.suppress(FileNotFoundError):
                         launch.files.ram_file.unlink()  # QEMU recreates it on the next on()
 
     @property
     def agent(self) -> SyncAgent:
-        """The agent serving this QEMU (between ``on()`` and ``off()``)."""
+        """The agent serving this QEMU (between ``on()`` and ``off()``; local boards only)."""
+        if self.host is not None:
+            raise EIO(f"the agent runs on {self.host.address}: use monitor_path", where="labgrid")
         if self._cma_agent is None:
             raise EIO("the board is off: no agent", where="labgrid")
         return self._cma_agent
+
+    @property
+    def monitor_path(self) -> str:
+        """The agent's QMP monitor socket here (a forward of the host's, on a remote board)."""
+        if self.host is not None:
+            if self._remote_agent is None or self._cma_dir is None:
+                raise EIO("the board is off: no agent", where="labgrid")
+            return str(self._cma_dir / "monitor.sock")
+        return self.agent.monitor_path
+
+    # -- a board on another host ------------------------------------------------------------
+
+    def _ssh(self, *options: str) -> list[str]:
+        """``ssh`` to the bound host (no tty, no prompts, no known_hosts writes)."""
+        host = self.host
+        argv = ["ssh", "-T", "-p", str(host.port), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        if self.keyfile:
+            keyfile = self.keyfile
+            if self.target.env:
+                keyfile = self.target.env.config.resolve_path(keyfile)
+            argv += ["-i", os.path.expanduser(keyfile), "-o", "IdentitiesOnly=yes"]
+        return [*argv, *options, f"{host.username}@{host.address}"]
+
+    def _ssh_run(self, command: Sequence[str], timeout: float = 120) -> str:
+        """Run ``command`` on the host; its stdout (EIO with its stderr if it fails)."""
+        result = subprocess.run(
+            [*self._ssh(), "--", shlex.join(command)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise EIO(f"on {self.host.address}: {shlex.join(command)}: {last}", where="labgrid")
+        return result.stdout
+
+    def _attribute_args(self) -> list[str]:
+        pairs = (("--cma", self.regions), ("--map", self.map), ("--asterisk", self.asterisk))
+        return [f"{option}={value}" for option, value in pairs if value is not None]
+
+    def _remote_base_args(self, board: Board) -> list[str]:
+        """``cma-qemu qemu-command`` on the host, into a directory of its own there."""
+        directory = f"/tmp/cma-qemu-labgrid-{secrets.token_hex(8)}"
+        out = self._ssh_run(
+            [self.remote_cma_qemu, "qemu-command", board.name, "--dir", directory, "--json",
+             "--no-console", *self._attribute_args()]
+        )  # fmt: skip
+        self._remote_dir, self._remote_info = directory, json.loads(out)
+        argv = list(self._remote_info["argv"])
+        if self.boot_args:
+            argv[argv.index("-append") + 1] = kernel_cmdline(board, [self.boot_args])
+        return [*argv, *shlex.split(self.extra_args or "")]
+
+    def _over_ssh(self, argv: list[str]) -> list[str]:
+        """labgrid's QEMU argv run on the host, its console socket forwarded back here.
+
+        QEMU connects (``reconnect=1``: until the forward is up) to a socket in the host's
+        directory that ``ssh -R`` forwards to the one labgrid listens on; QMP stays on stdio.
+        """
+        remote = f"{self._remote_dir}/console.sock"
+        local = None
+        out = list(argv)
+        for index, arg in enumerate(out):
+            if arg.startswith("socket,id=serialsocket,path="):
+                local = arg.split("path=", 1)[1]
+                out[index] = f"socket,id=serialsocket,path={remote},reconnect=1"
+        if local is None:
+            raise EIO("labgrid's console socket is not in QEMU's arguments", where="labgrid")
+        forward = ["-R", f"{remote}:{local}", "-o", "ExitOnForwardFailure=yes"]
+        return [*self._ssh(*forward), "--", "exec " + shlex.join(out)]
+
+    def _attach_remote(self) -> None:
+        """``cma-qemu attach`` on the host; its monitor forwarded to ``monitor_path``."""
+        info, directory = self._remote_info, self._cma_dir
+        assert info is not None and directory is not None and self._remote_dir is not None
+        remote_monitor = f"{self._remote_dir}/monitor.sock"
+        local_monitor = directory / "monitor.sock"
+        with contextlib.suppress(FileNotFoundError):
+            local_monitor.unlink()
+        command = [
+            self.remote_cma_qemu, "attach", "--board", str(info["board"]),
+            "--qmp", str(info["qmp"]), "--channel", str(info["channel"]),
+            "--monitor", remote_monitor, "--json", *self._attribute_args(),
+        ]  # fmt: skip
+        if self.allocator:
+            command.append(f"--allocator={self.allocator}")
+        self._remote_agent = subprocess.Popen(
+            [*self._ssh("-L", f"{local_monitor}:{remote_monitor}"), "--", shlex.join(command)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _read_json(self._remote_agent, 120)
+
+    def _quit_remote(self) -> None:
+        """QEMUDriver's ``off()`` for QEMU behind ssh: ssh ends only when the console
+        connection it forwards is closed on this side too, so close it after ``quit``."""
+        try:
+            with contextlib.suppress(Exception):  # QEMU may be gone already
+                self.monitor_command("quit")
+            if self._clientsocket is not None:
+                self._clientsocket.close()
+                self._clientsocket = None
+            try:
+                self._child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+        finally:
+            self._child = None
+            self.status = 0
+
+    def _stop_remote_agent(self) -> None:
+        """The host's attach ends when QEMU shuts down; its ssh with it (or is ended)."""
+        proc, self._remote_agent = self._remote_agent, None
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -224,6 +405,24 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return f"CmaQemuDriver({self.target.name}, {self.board})"
+
+
+def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The JSON document a process prints first (``attach --json``); EIO if it exits first."""
+    assert proc.stdout is not None
+    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+            with contextlib.suppress(ValueError):
+                return dict(json.loads(data))
+        elif proc.poll() is not None:
+            break
+    err = proc.stderr.read() if proc.stderr is not None and proc.poll() is not None else ""
+    raise EIO(f"no agent on the host: {err.strip() or data.decode()!r}", where="labgrid")
 
 
 def _console_first(argv: list[str]) -> list[str]:
@@ -299,6 +498,12 @@ class CmaQemuStrategy(Strategy):  # type: ignore[misc]
 
     @property
     def agent(self) -> SyncAgent:
-        """The agent of the board (``strategy.agent`` in a test)."""
+        """The agent of a local board (``strategy.agent`` in a test)."""
         agent: SyncAgent = self.power.agent
         return agent
+
+    @property
+    def monitor_path(self) -> str:
+        """The agent's QMP monitor socket, local or forwarded from the board's host."""
+        path: str = self.power.monitor_path
+        return path
