@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--cache", help="cache directory (default: $CMA_QEMU_CACHE or ~/.cache)")
     build.set_defaults(handler=cmd_guest_build)
+    module = guest_commands.add_parser("module", help="guest kernel modules of your own")
+    module_commands = module.add_subparsers(dest="module_command", required=True, metavar="ACTION")
+    module_build = module_commands.add_parser(
+        "build", help="cross-build DIR (with a Kbuild file) against the guest kernels' headers"
+    )
+    module_build.add_argument("dir", help="the module's source directory (Kbuild, *.c)")
+    module_build.add_argument(
+        "--flavour", action="append", help="kernel flavour (repeatable; default: all)"
+    )
+    module_build.add_argument("--out", metavar="DIR", help="copy the .ko files to DIR/FLAVOUR/")
+    module_build.add_argument("--cache", help="cache directory (default: as guest build)")
+    module_build.set_defaults(handler=_lazy("guest_module", "cmd_guest_module_build"))
 
     boot = commands.add_parser(
         "boot", help="boot a board with its CMA regions reserved and serve the guest"

@@ -28,14 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cma_qemu.errors import EINVAL, EIO, ENOENT
-from cma_qemu.guest_image import host
+from cma_qemu.guest_image import apt, host
 
 __all__ = [
     "CROSS_COMPILE",
     "GUEST_KMOD",
     "BuiltModule",
     "KbuildTree",
+    "build_guest_kmod",
     "build_module",
+    "build_user_module",
+    "guest_kmod_key",
+    "guest_kmod_names",
     "kbuild_packages",
     "kbuild_tree",
     "module_key",
@@ -272,4 +276,26 @@ def build_guest_kmod(
     tree = kbuild_tree(release, version, cache, progress)
     return build_module(
         tree, guest_src / "kernel", cache, progress, include=[guest_src / "include"]
+    )
+
+
+def build_user_module(
+    src: Path, flavour: str, guest_src: Path, cache: Path, progress: Progress
+) -> BuiltModule:
+    """``cma-qemu guest module build DIR``: a module of one's own, for ``flavour``'s kernel.
+
+    It compiles with ``guest/include`` on the include path (``#include <cma-kernel.h>``) and
+    links against ``cma_guest``'s exports (its ``Module.symvers``), so it may call the CMA
+    API. Cost: an ``apt-cache`` look-up (1-2 s), then as :func:`build_module`.
+    """
+    if not src.is_dir():
+        raise ENOENT(f"{src} is not a directory", where="module build")
+    apt.check_host()
+    kpkg, _ = apt.resolve_packages(flavour)
+    release = apt.kernel_release(kpkg.name)
+    guest = build_guest_kmod(guest_src, release, kpkg.version, cache, progress)
+    tree = kbuild_tree(release, kpkg.version, cache, progress)
+    symbols = [guest.symvers] if guest is not None else []
+    return build_module(
+        tree, src, cache, progress, include=[guest_src / "include"], extra_symbols=symbols
     )

@@ -2,7 +2,9 @@
 /*
  * The 2010 patch set's in-kernel CMA API, exported by the cma_guest module and served by the
  * host agent's framework (through the guest daemon, `cma-test -k`). Allocation returns a
- * physical address, or a negative errno to be tested with IS_ERR_VALUE(). Every call sleeps
+ * physical address, or a negative errno to be tested with IS_ERR_VALUE() of the value cast
+ * to unsigned long (dma_addr_t is 64-bit on Debian's 32-bit ARM kernels, and 6.1's
+ * IS_ERR_VALUE casts through a pointer: CMA_IS_ERR_VALUE() does both). Every call sleeps
  * (one round trip to the agent, about a millisecond) and fails with -ENODEV when no daemon
  * holds /dev/cma-ctl, or -ETIMEDOUT after CMA_GUEST_TIMEOUT_S seconds without a reply.
  * Chunks a module still holds when it is unloaded are freed.
@@ -15,6 +17,9 @@
 #include <linux/types.h>
 
 #define CMA_GUEST_TIMEOUT_S 15
+
+/* Whether a dma_addr_t from cma_alloc() or cma_alloc_from() is a negative errno. */
+#define CMA_IS_ERR_VALUE(addr) IS_ERR_VALUE((unsigned long)(addr))
 
 struct cma_info {
 	dma_addr_t lower_bound;   /* the lowest address of the regions */
