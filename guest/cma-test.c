@@ -1411,6 +1411,8 @@ static int serve_kernel(void)
 	}
 	if (chan_open("kernel", 0))
 		return 1;
+	/* the ready line: a daemon that holds both ends (tests and scripts wait for it) */
+	fprintf(stderr, "kernel: serving %s on %s\n", CTL_PATH, channel_path);
 	for (;;) {
 		ssize_t n = read(ctl, &q, sizeof(q));
 
