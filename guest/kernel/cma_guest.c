@@ -222,25 +222,43 @@ static int alloc_call(struct cma_call *c, const char *dev, const char *kind, u64
 
 /* ------------------------------------------------------------------ the in-kernel API */
 
-/* A chunk allocated through the API, and where the call came from (which module). */
+/* A chunk allocated through the API, and the module whose code asked for it (or NULL). */
 struct kchunk {
 	struct list_head node;
 	dma_addr_t addr;
-	unsigned long caller;
+	struct module *owner;
 };
 
-static DEFINE_MUTEX(kchunks_lock);
+/*
+ * The modules loaded since cma_guest (only they can call it), as the module notifier saw
+ * them come and go. 6.1 exports no __module_address(), so a caller's module is the one
+ * whose text holds the return address, checked at the call (init text is gone later).
+ */
+struct kmodule {
+	struct list_head node;
+	struct module *mod;
+};
+
+static DEFINE_MUTEX(kchunks_lock);   /* kchunks and kmodules */
 static LIST_HEAD(kchunks);
+static LIST_HEAD(kmodules);
 
 static void kchunk_add(dma_addr_t addr, unsigned long caller)
 {
 	struct kchunk *k = kmalloc(sizeof(*k), GFP_KERNEL);
+	struct kmodule *m;
 
 	if (!k)
 		return;   /* only the unload sweep misses it */
 	k->addr = addr;
-	k->caller = caller;
+	k->owner = NULL;
 	mutex_lock(&kchunks_lock);
+	list_for_each_entry(m, &kmodules, node) {
+		if (within_module(caller, m->mod)) {
+			k->owner = m->mod;
+			break;
+		}
+	}
 	list_add(&k->node, &kchunks);
 	mutex_unlock(&kchunks_lock);
 }
@@ -368,18 +386,35 @@ int cma_info_about(struct cma_info *info, const char *regions)
 }
 EXPORT_SYMBOL_GPL(cma_info_about);
 
-/* A module going away gives back the chunks its code allocated and did not free. */
-static int module_going(struct notifier_block *nb, unsigned long state, void *data)
+/* A module coming is remembered; one going gives back the chunks it did not free. */
+static int module_event(struct notifier_block *nb, unsigned long state, void *data)
 {
 	struct module *mod = data;
 	struct kchunk *k, *tmp;
+	struct kmodule *m, *mtmp;
 	LIST_HEAD(gone);
 
+	if (state == MODULE_STATE_COMING) {
+		m = kmalloc(sizeof(*m), GFP_KERNEL);
+		if (m) {   /* without it, only this module's unload sweep is lost */
+			m->mod = mod;
+			mutex_lock(&kchunks_lock);
+			list_add(&m->node, &kmodules);
+			mutex_unlock(&kchunks_lock);
+		}
+		return NOTIFY_OK;
+	}
 	if (state != MODULE_STATE_GOING)
 		return NOTIFY_DONE;
 	mutex_lock(&kchunks_lock);
+	list_for_each_entry_safe(m, mtmp, &kmodules, node) {
+		if (m->mod == mod) {
+			list_del(&m->node);
+			kfree(m);
+		}
+	}
 	list_for_each_entry_safe(k, tmp, &kchunks, node)
-		if (within_module(k->caller, mod))
+		if (k->owner == mod)
 			list_move(&k->node, &gone);
 	mutex_unlock(&kchunks_lock);
 	list_for_each_entry_safe(k, tmp, &gone, node) {
@@ -395,7 +430,7 @@ static int module_going(struct notifier_block *nb, unsigned long state, void *da
 }
 
 static struct notifier_block module_nb = {
-	.notifier_call = module_going,
+	.notifier_call = module_event,
 };
 
 /* ------------------------------------------------------------------ /dev/cma */
@@ -572,6 +607,7 @@ static int __init cma_guest_init(void)
 static void __exit cma_guest_exit(void)
 {
 	struct kchunk *k, *tmp;
+	struct kmodule *m, *mtmp;
 
 	unregister_module_notifier(&module_nb);
 	misc_deregister(&dev_misc);
@@ -579,6 +615,10 @@ static void __exit cma_guest_exit(void)
 	list_for_each_entry_safe(k, tmp, &kchunks, node) {  /* our own callers are gone */
 		list_del(&k->node);
 		kfree(k);
+	}
+	list_for_each_entry_safe(m, mtmp, &kmodules, node) {
+		list_del(&m->node);
+		kfree(m);
 	}
 }
 
