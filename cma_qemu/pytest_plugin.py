@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cma_qemu import lifecycle
+from cma_qemu import guest_put, lifecycle
 from cma_qemu.agent import Agent, GuestStub, ScriptResult
 from cma_qemu.boards import load_board
 from cma_qemu.framework import Chunk, Cma
@@ -309,6 +309,17 @@ class Guest:
     def put_file(self, path: str, data: bytes) -> None:
         """Copy bytes into a guest file."""
         self._loop.run(self._agent.put_file(path, data), 300)
+
+    def put(self, local: str | Path, guest: str, timeout: float = 900) -> None:
+        """``boot --put LOCAL:GUEST``: a host file into the guest, mode bits kept."""
+        self._loop.run(guest_put.put(self._agent, Path(local), guest), timeout)
+
+    def load_module(self, ko: str | Path, params: str = "", timeout: float = 900) -> str:
+        """A ``.ko`` from ``cma-qemu guest module build`` copied in (once) and insmod'ed.
+
+        Its CMA calls need the daemon: ``guest.check("cma-test -k 2>/tmp/kd.err &")``.
+        """
+        return self._loop.run(guest_put.load_module(self._agent, Path(ko), params), timeout)
 
 
 @dataclass

@@ -18,7 +18,6 @@ import pytest
 from cma_qemu.guest_image import default_cache_dir
 from cma_qemu.guest_image.build import guest_source_dir
 from cma_qemu.guest_image.kmod import build_user_module
-from cma_qemu.guest_put import load_module
 from cma_qemu.pytest_plugin import BoardSession
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +76,7 @@ def _check_buffers(session: BoardSession) -> set[int]:
 
 
 def test_example_driver_allocates_like_the_mfc(aquila: BoardSession, example_ko: Path) -> None:
-    aquila.agent.call(load_module(aquila.agent.agent, example_ko))
+    aquila.guest.load_module(example_ko)  # the plugin's helper
     held = _check_buffers(aquila)
     assert "s3c-mfc5/f" in aquila.guest.check("dmesg | grep mfc_example")
     aquila.guest.check("rmmod mfc_example")
@@ -85,7 +84,7 @@ def test_example_driver_allocates_like_the_mfc(aquila: BoardSession, example_ko:
 
 
 def test_unload_frees_what_a_module_leaked(aquila: BoardSession, example_ko: Path) -> None:
-    aquila.agent.call(load_module(aquila.agent.agent, example_ko, "leak=1"))
+    aquila.guest.load_module(example_ko, "leak=1")
     held = _check_buffers(aquila)
     aquila.guest.check("rmmod mfc_example")
     assert not held & {c.start for c in aquila.agent.guest_chunks()}
@@ -95,5 +94,5 @@ def test_unload_frees_what_a_module_leaked(aquila: BoardSession, example_ko: Pat
 def test_load_without_daemon_fails_with_enodev(cma_boot, example_ko: Path) -> None:
     session: BoardSession = cma_boot("aquila")
     with pytest.raises(Exception, match="No such device"):
-        session.agent.call(load_module(session.agent.agent, example_ko))
+        session.guest.load_module(example_ko)
     assert session.guest.run("lsmod | grep -c mfc_example").output == "0"
