@@ -70,7 +70,8 @@ def _owner_text(pid: int) -> str:
 def owner_alive(directory: Path) -> bool | None:
     """Whether the process named in ``directory/owner`` still runs; None if there is no owner."""
     try:
-        pid_text, start_text = (directory / OWNER_FILE).read_text().split()
+        # Bytes: the file is ASCII, and str.split() would also split at \x1c-\x1f.
+        pid_text, start_text = (directory / OWNER_FILE).read_bytes().split()
         pid, start = int(pid_text), int(start_text)
     except (OSError, ValueError):
         return None
