@@ -9,11 +9,11 @@ or (leak=1) through cma_guest's sweep of a module's leftovers.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kmod_helpers import Daemon
 
 from cma_qemu.guest_image import default_cache_dir
 from cma_qemu.guest_image.build import guest_source_dir
@@ -44,14 +44,10 @@ def example_ko() -> Path:
 @pytest.fixture
 def aquila(cma_boot) -> Iterator[BoardSession]:
     session: BoardSession = cma_boot("aquila")
-    pid = session.guest.check("cma-test -k </dev/null >/dev/null 2>/tmp/cmakd.err & echo $!")
-    deadline = time.monotonic() + 30
-    while "serving" not in session.guest.run("cat /tmp/cmakd.err").output:
-        assert time.monotonic() < deadline, session.guest.run("cat /tmp/cmakd.err").output
-        time.sleep(0.2)
+    daemon = Daemon(session)
     yield session
     session.guest.run("rmmod mfc_example 2>/dev/null")
-    session.guest.check(f"kill {pid}; while kill -0 {pid} 2>/dev/null; do usleep 50000; done")
+    daemon.stop()
     session.agent.release_leftovers()
 
 
