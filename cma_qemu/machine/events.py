@@ -100,6 +100,8 @@ class EventHub:
         self._callbacks: list[tuple[frozenset[str], EventCallback]] = []
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
+        #: Events the agent causes itself (the gdbstub's stop/continue), dropped on arrival.
+        self._muted: dict[str, int] = {}
 
     def start(self) -> None:
         """Start dispatching (idempotent)."""
@@ -117,6 +119,10 @@ class EventHub:
 
     def dispatch(self, event: QmpEvent) -> None:
         """Deliver one event (public so fakes and tests can inject events)."""
+        if self._muted.get(event.name, 0) > 0:
+            self._muted[event.name] -= 1
+            log.debug("QMP event %s was caused by the agent: not delivered", event.name)
+            return
         self.history.append(event)
         for sub in list(self._subs):
             sub._offer(event)
@@ -131,6 +137,15 @@ class EventHub:
                     task.add_done_callback(self._pending.discard)
             except Exception:
                 log.exception("QMP event callback %r failed on %s", cb, event.name)
+
+    def mute_next(self, name: str) -> None:
+        """Drop the next event ``name``: the agent is about to cause it (a gdbstub stop)."""
+        self._muted[name] = self._muted.get(name, 0) + 1
+
+    def unmute(self, name: str) -> None:
+        """Undo one :meth:`mute_next` whose event will not come."""
+        if self._muted.get(name, 0) > 0:
+            self._muted[name] -= 1
 
     def subscribe(self, *names: str) -> Subscription:
         """A new subscription; use it as ``with hub.subscribe("RESET") as s: await s.get()``."""

@@ -69,6 +69,7 @@ from cma_qemu.machine.devicetree import (
     dump_qemu_dtb,
 )
 from cma_qemu.machine.events import EventHub, QmpEvent, Subscription
+from cma_qemu.machine.gdbstub import GdbStubGuestMemory, gdb_args
 from cma_qemu.machine.loader import (
     LoadedRange,
     check_reservations,
@@ -131,6 +132,8 @@ class LaunchFiles:
     channel_socket: Path
     dtb: Path
     ram_file: Path | None
+    #: QEMU's gdbstub, on machines whose host writes go through it (smdkc210).
+    gdb_socket: Path | None = None
 
     @classmethod
     def in_dir(cls, runtime_dir: Path, ram_file: Path | None) -> LaunchFiles:
@@ -140,6 +143,7 @@ class LaunchFiles:
             runtime_dir / "channel.sock",
             runtime_dir / "guest.dtb",
             ram_file,
+            runtime_dir / "gdb.sock",
         )
 
 
@@ -246,8 +250,20 @@ def qemu_command(
         str(files.dtb),
         "-append",
         kernel_cmdline(board, append),
+        *_gdb_options(board, files),
         *extra_args,
     ]
+
+
+def _gdb_writes(board: BoardLike, files: LaunchFiles) -> bool:
+    """The machine's host writes go through QEMU's gdbstub (smdkc210)."""
+    return profile_of(board).gdbstub_writes and files.gdb_socket is not None
+
+
+def _gdb_options(board: BoardLike, files: LaunchFiles) -> list[str]:
+    if not _gdb_writes(board, files) or files.gdb_socket is None:
+        return []
+    return gdb_args(files.gdb_socket)
 
 
 def write_patched_dtb(
@@ -703,6 +719,17 @@ class Machine(AsyncClosing):
         base, total, banks = ram_extent(self.board)
         if self.files.ram_file is not None:
             return MmapGuestMemory(self.files.ram_file, base, total, banks)
+        if _gdb_writes(self.board, self.files):
+            assert self.files.gdb_socket is not None
+            return GdbStubGuestMemory(
+                self._qmp,
+                self.files.runtime_dir,
+                self.files.gdb_socket,
+                base,
+                total,
+                banks,
+                events=self._events,
+            )
         return PmemsaveGuestMemory(self._qmp, self.files.runtime_dir, base, total, banks)
 
     async def wait_ready(self, timeout: float | None = None, *, since: int | None = None) -> str:

@@ -8,7 +8,8 @@ Two ways in, one async interface, because one of them is a QMP round trip:
   no I/O of their own; the ``*_sync`` twins are there for hot loops and non-async callers.
 * :class:`PmemsaveGuestMemory`: boards without a shareable backend (smdkc210); QMP
   ``pmemsave`` dumps the range into a host file that is then read. QMP has no matching
-  write command, so writes raise EOPNOTSUPP.
+  write command, so writes raise EOPNOTSUPP here; smdkc210 writes through QEMU's gdbstub
+  instead (:class:`cma_qemu.machine.gdbstub.GdbStubGuestMemory`, reads still on pmemsave).
 
 Both bound-check against the RAM banks and raise EINVAL naming the offending range; reads
 that span a hole between banks are refused too, because QEMU would return bus errors or zeros.

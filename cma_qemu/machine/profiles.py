@@ -61,6 +61,8 @@ class MachineProfile:
     channel_kinds: tuple[str, ...]
     #: All RAM is one block, so a board's banks must touch.
     contiguous_ram: bool
+    #: Host writes to guest RAM go through QEMU's gdbstub (no shared RAM file to write).
+    gdbstub_writes: bool = False
 
 
 #: UFSTAT of the Exynos4210's UART0 (the smdkc210 console): its receive FIFO level.
@@ -94,6 +96,7 @@ PROFILES: Mapping[str, MachineProfile] = MappingProxyType(
             console_burst=16,
             channel_kinds=("uart",),
             contiguous_ram=False,
+            gdbstub_writes=True,
         ),
     }
 )
