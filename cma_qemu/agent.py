@@ -109,7 +109,8 @@ class Agent:
     ``cma`` is the framework (query it freely), ``memory`` reads guest RAM, ``console`` runs
     guest commands (booted machines only), ``monitor_path`` is the QMP socket for inspection
     scripts. ``recording`` starts and stops a recording of what is served (``--record``);
-    an attached agent keeps a ``journal`` of its state, and ``restore`` says what it got back.
+    an attached agent keeps a ``journal`` of its state, and ``journal_restore`` says what it got
+    back. :meth:`snapshot` saves a booted board and :meth:`restore` starts one from it.
     """
 
     def __init__(
@@ -134,7 +135,7 @@ class Agent:
         self.allocator: str | None = None
         self.recording = RecordingSwitch(cma, self._recording_header)
         self.journal: Journal | None = None
-        self.restore: RestoreReport | None = None
+        self.journal_restore: RestoreReport | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -245,7 +246,7 @@ class Agent:
                 state_journal.close()
             await machine.close()
             raise
-        agent.restore = report
+        agent.journal_restore = report
         if report is not None and report.restored:
             try:
                 await agent._release_if_port_closed()
@@ -253,6 +254,24 @@ class Agent:
                 await agent.close()
                 raise
         return agent
+
+    async def snapshot(self, path: Path) -> None:
+        """Save the booted guest and the CMA state into the directory ``path``.
+
+        Cost: one QEMU migration (tens of ms) plus copying the RAM pages in use; see
+        :mod:`cma_qemu.snapshot`.
+        """
+        from cma_qemu.snapshot import snapshot_agent
+
+        await snapshot_agent(self, path)
+
+    @classmethod
+    async def restore(cls, path: Path, *, monitor_path: Path | None = None) -> Agent:
+        """A served agent on a new QEMU started from the snapshot at ``path``, guest at its
+        prompt with the clock set (0.2 to 0.4 s, BENCHMARKS.md); ``close()`` it as usual."""
+        from cma_qemu.snapshot import restore_agent
+
+        return await restore_agent(path, monitor_path=monitor_path)
 
     async def _release_if_port_closed(self) -> None:
         """A virtio port the guest closed while no agent was attached took its chunks along.

@@ -47,7 +47,7 @@ def regions_json(agent: Agent) -> dict[str, Any]:
         "channel": str(machine.channel_path),
         "record": None if recorder is None else str(recorder.path),
         "state": None if agent.journal is None else str(agent.journal.path),
-        "restore": None if agent.restore is None else agent.restore.as_json(),
+        "restore": None if agent.journal_restore is None else agent.journal_restore.as_json(),
     }
 
 
@@ -126,8 +126,8 @@ async def _attach(args: argparse.Namespace) -> int:
             print(json.dumps(regions_json(agent), indent=2), flush=True)
         else:
             console.print(region_table(local_snapshot(agent.cma)[0]))
-            if agent.restore is not None:
-                console.print(agent.restore.describe())
+            if agent.journal_restore is not None:
+                console.print(agent.journal_restore.describe())
             console.print(
                 f"serving the guest channel; monitor at {agent.monitor_path}; "
                 "Ctrl-C detaches (QEMU keeps running)"

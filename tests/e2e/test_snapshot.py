@@ -1,0 +1,181 @@
+"""Snapshot and restore of a booted virt board with its CMA state (issue 9).
+
+One boot per module: the board is booted, a guest program is left holding a chunk it wrote a
+pattern into, the snapshot is saved and the booted agent closed. Every test restores from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cma_qemu.agent import Agent
+from cma_qemu.boards import load_board
+from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP
+from cma_qemu.snapshot import SNAPSHOT_FILE, read_snapshot, restore_agent
+
+pytestmark = pytest.mark.e2e
+
+PATTERN = 0xC0DE0000
+#: A guest program holds one chunk in the background; its input stays open on the shell's fd 3.
+HOLD = (
+    "mkfifo /tmp/f; (cma-test < /tmp/f > /tmp/o 2>&1 &); exec 3>/tmp/f; "
+    f"echo 'alloc vpu/dec 1M' >&3; echo 'write 1 {PATTERN:#x}' >&3; "
+    "for i in 1 2 3 4 5 6 7 8 9 10; do grep -q 1: /tmp/o && break; sleep 0.2; done; cat /tmp/o"
+)
+
+
+def _ours() -> tuple[set[str], set[int]]:
+    """This process's memfd RAM files and QEMU children (what a restore must not leave)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with_target = Path("/proc/self/fd", fd)
+        try:
+            if "memfd:cma-qemu" in os.readlink(with_target):
+                fds.add(fd)
+        except OSError:
+            continue
+    children = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path("/proc", pid, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and "qemu" in stat.split(")")[0]:
+                children.add(int(pid))
+    return fds, children
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("snapshot") / "virt"
+
+    async def save() -> None:
+        async with await Agent.boot(load_board("virt")) as agent:
+            out, status = await agent.console.run(HOLD)
+            assert status == 0 and out.startswith("1: 0x100000@"), out
+            assert len(agent.chunks_of_guest()) == 1
+            await agent.snapshot(path)
+
+    asyncio.run(save())
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_restores_are_independent(snapshot: Path) -> None:
+    """A file written in one restore is absent in the next; two at once have their own."""
+    for n in range(2):
+        async with await Agent.restore(snapshot) as agent:
+            assert (await agent.guest_run("ls /tmp/mine"))[1] != 0, f"restore {n} saw a file"
+            await agent._check("echo x > /tmp/mine")
+    a, b = await asyncio.gather(Agent.restore(snapshot), Agent.restore(snapshot))
+    try:
+        assert a.machine.runtime_dir != b.machine.runtime_dir
+        await a._check("echo a > /tmp/mine")
+        assert (await b.guest_run("cat /tmp/mine"))[1] != 0
+        assert await a._check("cat /tmp/mine") == "a"
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def test_held_chunk_intact_and_freed_after_restore(snapshot: Path) -> None:
+    info = read_snapshot(snapshot)
+    async with await Agent.restore(snapshot) as agent:
+        chunks = agent.chunks_of_guest()
+        assert [(c.start, c.size, c.refcount) for c in chunks] == [
+            (start, size, refcount) for start, size, _, refcount, _ in info.chunks
+        ]
+        assert await agent.find_mismatch(chunks[0], PATTERN) is None
+        start = f"@{chunks[0].start:#x}"
+        out = await agent._check(
+            f"echo 'verify 1 {PATTERN:#x}' >&3; echo 'free 1' >&3; echo list >&3;"
+            " echo 'alloc vpu/dec 1M' >&3;"
+            f" for i in $(seq 20); do [ $(grep -c {start} /tmp/o) = 2 ] && break; sleep 0.2; done;"
+            " cat /tmp/o"
+        )
+        assert "EINVAL" not in out and "mismatch" not in out, out
+        # freed, then a new allocation lands where it was: nothing stale in the allocator
+        assert out.count(start) == 2, out
+        assert [(c.start, c.refcount) for c in agent.chunks_of_guest()] == [(chunks[0].start, 1)]
+
+
+async def test_clock_is_set_from_the_rtc(snapshot: Path) -> None:
+    age = time.time() - read_snapshot(snapshot).created
+    if age < 5:
+        await asyncio.sleep(5 - age)  # so a guest clock left as saved would lag visibly
+    async with await Agent.restore(snapshot) as agent:
+        guest_now = int(await agent._check("date +%s"))
+        assert abs(guest_now - time.time()) < 2.5
+
+
+async def test_nothing_left_after_restores(snapshot: Path, tmp_path: Path) -> None:
+    before = _ours()
+    agent = await restore_agent(snapshot, runtime_parent=tmp_path)
+    during = _ours()
+    assert during[0] > before[0] and len(during[1]) == len(before[1]) + 1
+    await agent.close()
+    assert _ours() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def _copy(snapshot: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(snapshot, copy)
+    return copy
+
+
+async def test_bad_snapshots_give_one_error_and_no_qemu(snapshot: Path, tmp_path: Path) -> None:
+    before = _ours()
+    with pytest.raises(ENOENT, match="no such snapshot"):
+        await Agent.restore(tmp_path / "missing")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x").write_text("x")
+    with pytest.raises(EINVAL, match="not a cma-qemu snapshot"):
+        await Agent.restore(tmp_path / "foreign")
+
+    truncated = _copy(snapshot, tmp_path / "t")
+    state = truncated / "state.mig"
+    os.truncate(state, state.stat().st_size // 2)
+    with pytest.raises(EIO, match=r"state.mig is .* bytes"):
+        await Agent.restore(truncated)
+
+    corrupt = _copy(snapshot, tmp_path / "c")
+    data = bytearray((corrupt / "state.mig").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "state.mig").write_bytes(bytes(data))
+    with pytest.raises(EIO, match="corrupt"):
+        await Agent.restore(corrupt)
+
+    stale = _copy(snapshot, tmp_path / "s")
+    doc = json.loads((stale / SNAPSHOT_FILE).read_text())
+    doc["key"]["kernel"] = "0" * 64
+    doc["key"]["qemu"] = "QEMU emulator version 0.1"
+    (stale / SNAPSHOT_FILE).write_text(json.dumps(doc))
+    with pytest.raises(EINVAL, match="stale snapshot: QEMU changed; the guest kernel changed"):
+        await Agent.restore(stale)
+
+    other = _copy(snapshot, tmp_path / "o")
+    doc = json.loads((other / SNAPSHOT_FILE).read_text())
+    doc["key"]["regions"] = "other=8M"
+    (other / SNAPSHOT_FILE).write_text(json.dumps(doc))
+    with pytest.raises(
+        EINVAL, match=r"stale snapshot: the placed regions \(the board file\?\) changed"
+    ):
+        await Agent.restore(other)
+    assert _ours() == before
+
+
+def test_smdkc210_is_refused_with_the_reason() -> None:
+    from cma_qemu.snapshot import _refuse_unsupported
+
+    with pytest.raises(EOPNOTSUPP, match="migration stream"):
+        _refuse_unsupported(load_board("smdkc210"))
