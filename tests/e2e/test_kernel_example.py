@@ -92,3 +92,13 @@ def test_load_without_daemon_fails_with_enodev(cma_boot, example_ko: Path) -> No
     with pytest.raises(Exception, match="No such device"):
         session.guest.load_module(example_ko)
     assert session.guest.run("lsmod | grep -c mfc_example").output == "0"
+
+
+def test_guest_reset_gives_kernel_chunks_back(cma_boot, example_ko: Path) -> None:
+    session: BoardSession = cma_boot("aquila")
+    Daemon(session)  # the reset ends it, with the module and its chunks
+    session.guest.load_module(example_ko, "leak=1")
+    held = _check_buffers(session)
+    session.agent.reset_guest()
+    assert not held & {c.start for c in session.agent.guest_chunks()}
+    assert session.guest.run("lsmod | grep -c mfc_example").output == "0"
