@@ -82,8 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     boot = commands.add_parser(
         "boot", help="boot a board with its CMA regions reserved and serve the guest"
     )
-    boot.add_argument("board", help="board name (see `cma-qemu boards`) or board file")
+    boot.add_argument("board", nargs="?", help="board name (see `cma-qemu boards`) or board file")
     _attribute_options(boot)
+    boot.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="DIR",
+        help="restore a `snapshot save` instead of booting (a bare name: in the cache)",
+    )
     boot.add_argument("--monitor", metavar="SOCK", help="QMP monitor socket path")
     action = boot.add_mutually_exclusive_group()
     action.add_argument("--run", metavar="CMD", help="run CMD in the guest; exit with its status")
@@ -102,6 +108,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     _record_option(boot)
     boot.set_defaults(handler=_lazy("machine", "cmd_boot"))
+
+    snap = commands.add_parser("snapshot", help="saved booted boards, for boot --from")
+    snap_commands = snap.add_subparsers(dest="snapshot_command", required=True)
+    save = snap_commands.add_parser(
+        "save", help="boot BOARD, verify its reservations in the guest, save it to DIR"
+    )
+    save.add_argument("board", help="board name or board file")
+    save.add_argument(
+        "dir", help="snapshot directory (a bare name: in ~/.cache/cma-qemu/snapshots)"
+    )
+    _attribute_options(save)
+    save.set_defaults(handler=_lazy("snapshot", "cmd_snapshot_save"))
+    snap_list = snap_commands.add_parser("list", help="the snapshots in the cache")
+    snap_list.add_argument("--dir", help="list another directory than the cache")
+    snap_list.add_argument("--json", action="store_true", help="as JSON")
+    snap_list.set_defaults(handler=_lazy("snapshot", "cmd_snapshot_list"))
+    snap_rm = snap_commands.add_parser("rm", help="remove snapshots (refuses anything else)")
+    snap_rm.add_argument("names", nargs="+", metavar="DIR", help="snapshot directory or name")
+    snap_rm.set_defaults(handler=_lazy("snapshot", "cmd_snapshot_rm"))
 
     att = commands.add_parser(
         "attach", help="serve a QEMU started by someone else, through its QMP and channel sockets"

@@ -15,7 +15,7 @@ from rich.console import Console
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.cli.offline import read_script
-from cma_qemu.errors import EIO, ETIMEDOUT
+from cma_qemu.errors import EINVAL, EIO, ETIMEDOUT
 from cma_qemu.guest_put import parse_put, put
 from cma_qemu.lifecycle import run
 from cma_qemu.views import local_snapshot, region_table
@@ -52,6 +52,12 @@ def regions_json(agent: Agent) -> dict[str, Any]:
 
 
 async def _boot_agent(args: argparse.Namespace, console: Console) -> Agent:
+    if args.from_dir is not None:  # boot --from DIR: checked, then restored (cli/snapshot.py)
+        from cma_qemu.cli.snapshot import restore_for
+
+        return await restore_for(args)
+    if args.board is None:
+        raise EINVAL("name a board, or a snapshot with --from DIR", where="boot")
     board = load_board(args.board)
     with console.status(f"booting {board.name}") as status:
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +182,43 @@ def test_smdkc210_is_refused_with_the_reason() -> None:
 
     with pytest.raises(EOPNOTSUPP, match="migration stream"):
         _refuse_unsupported(load_board("smdkc210"))
+
+
+CLI = str(Path(sys.executable).with_name("cma-qemu"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_boot_from_restores_and_refuses_clearly(snapshot: Path, tmp_path: Path) -> None:
+    done = _cli("boot", "--from", str(snapshot), "--run", "cat /tmp/o; exit 3")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("1: 0x100000@"), done.stdout
+    before = _ours()
+    for args, message in [
+        (("--cma", "x=8M"), "EINVAL: snapshot .*: does not match: regions 'x=8M' asked"),
+        (("goni",), "EINVAL: snapshot .*: does not match: board 'goni' asked, 'virt' saved"),
+    ]:
+        done = _cli("boot", "--from", str(snapshot), *args, "--run", "true")
+        assert done.returncode == 1 and re.fullmatch(f"cma-qemu: {message}.*\n", done.stderr)
+    done = _cli("boot", "--from", str(tmp_path / "nope"), "--run", "true")
+    assert done.returncode == 1
+    assert (
+        done.stderr == f"cma-qemu: ENOENT: snapshot {tmp_path}/nope: no such snapshot directory\n"
+    )
+    assert _ours() == before
+
+
+def test_cli_list_and_rm(snapshot: Path, tmp_path: Path) -> None:
+    shutil.copytree(snapshot, tmp_path / "one")
+    (tmp_path / "junk").mkdir()
+    listed = _cli("snapshot", "list", "--dir", str(tmp_path))
+    assert listed.returncode == 0
+    assert re.search(r"^one  virt  ", listed.stdout, re.MULTILINE), listed.stdout
+    assert "unusable" in listed.stdout and "junk" in listed.stdout
+    refused = _cli("snapshot", "rm", str(tmp_path / "junk"))
+    assert refused.returncode == 1 and "not removed" in refused.stderr
+    assert (tmp_path / "junk").is_dir()
+    assert _cli("snapshot", "rm", str(tmp_path / "one")).returncode == 0
+    assert not (tmp_path / "one").exists()
