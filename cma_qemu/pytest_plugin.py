@@ -15,6 +15,11 @@ Fixtures:
 ``guest``
     :class:`Guest` of ``cma_board``: ``guest.run(cmd)`` gives ``(output, status)``,
     ``guest.run_script(text)`` runs ``cma-test`` on a script.
+``fresh_board``, ``fresh_agent``, ``fresh_guest``
+    A board of the test's own, restored in 0.2 to 0.4 s from a snapshot the session takes
+    once (one boot, on a board that serves no test; docs/snapshots.md) and shut down after
+    the test: a panic, a wedged driver or a full tmpfs stays with the test that caused it.
+    ``--cma-fresh=restore`` makes ``agent`` and ``guest`` these too (default ``shared``).
 
 The asyncio parts run on a private event loop thread, so tests are plain functions.
 
@@ -37,6 +42,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +67,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """``--cma-board``: the board ``cma_board`` boots (default ``virt``)."""
     group = parser.getgroup("cma-qemu")
     group.addoption("--cma-board", default="virt", help="board the cma-qemu fixtures boot")
+    group.addoption(
+        "--cma-fresh",
+        choices=("shared", "restore"),
+        default="shared",
+        help="what the agent and guest fixtures give: the session's shared board (shared) "
+        "or a board of the test's own, restored from a session snapshot (restore)",
+    )
     group.addoption(
         "--cma-log-dir",
         metavar="DIR",
@@ -356,6 +370,9 @@ class _Boards:
         self._sessions: dict[tuple[Any, ...], BoardSession] = {}
         self._labels: dict[tuple[Any, ...], str] = {}
         self._signals = contextlib.ExitStack()
+        self._snapshots: dict[tuple[Any, ...], Path] = {}
+        self._snapshot_dir: Path | None = None
+        self._fresh: dict[str, BoardSession] = {}
 
     @classmethod
     def live_sessions(cls) -> list[tuple[str, BoardSession]]:
@@ -363,7 +380,44 @@ class _Boards:
         boards = cls.current
         if boards is None:
             return []
-        return [(boards._labels[key], s) for key, s in list(boards._sessions.items())]
+        shared = [(boards._labels[key], s) for key, s in list(boards._sessions.items())]
+        return shared + list(boards._fresh.items())
+
+    def _loop_thread(self) -> _LoopThread:
+        if self._loop is None:
+            self._signals.enter_context(lifecycle.signals_interrupt())
+            self._loop = _LoopThread()
+        return self._loop
+
+    def fresh(self, board: str, **attributes: str | None) -> BoardSession:
+        """A board of the caller's own, restored from this session's snapshot of ``board``
+        (booted and saved on first use, in a board that serves no test); ``session._close()``
+        shuts it down. Cost: one boot per session and key, then 0.2 to 0.4 s per call."""
+        from cma_qemu.snapshot import restore_agent
+
+        loop = self._loop_thread()
+        key = (board, *sorted(attributes.items()))
+        if key not in self._snapshots:
+            if self._snapshot_dir is None:
+                self._snapshot_dir = Path(tempfile.mkdtemp(prefix="cma-qemu-snapshots-"))
+            path = self._snapshot_dir / f"s{len(self._snapshots)}"
+
+            async def save() -> None:
+                async with await Agent.boot(load_board(board), **attributes) as agent:  # type: ignore[arg-type]
+                    await agent.snapshot(path)
+
+            loop.run(save(), 600)
+            self._snapshots[key] = path
+        agent = loop.run(restore_agent(self._snapshots[key]), 300)
+        label = f"{board} (fresh)"
+
+        def close() -> None:
+            self._fresh.pop(label, None)
+            loop.run(agent.close(), 60)
+
+        session = BoardSession(SyncAgent(agent, loop), Guest(agent, loop), close)
+        self._fresh[label] = session
+        return session
 
     def boot(
         self,
@@ -376,10 +430,7 @@ class _Boards:
         key = (board, regions, map_text, asterisk)
         if key in self._sessions:
             return self._sessions[key]
-        if self._loop is None:
-            self._signals.enter_context(lifecycle.signals_interrupt())
-            self._loop = _LoopThread()
-        loop = self._loop
+        loop = self._loop_thread()
         agent = loop.run(
             Agent.boot(load_board(board), regions=regions, map_text=map_text, asterisk=asterisk),
             600,
@@ -401,8 +452,15 @@ class _Boards:
                     session._close()
                 except Exception as error:  # keep closing the others
                     print(f"cma-qemu: closing a board failed: {error}")
+            for fresh in list(self._fresh.values()):
+                with contextlib.suppress(Exception):
+                    fresh._close()
             self._sessions.clear()
             self._labels.clear()
+            if self._snapshot_dir is not None:
+                shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+                self._snapshot_dir = None
+                self._snapshots.clear()
             if self._loop is not None:
                 self._loop.stop()
                 self._loop = None
@@ -431,13 +489,50 @@ def cma_board(
 
 
 @pytest.fixture
-def agent(cma_board: BoardSession) -> Iterator[SyncAgent]:
-    """The shared board's agent; the test's leftover chunks are released afterwards."""
-    yield cma_board.agent
-    cma_board.agent.release_leftovers()
+def fresh_board(
+    request: pytest.FixtureRequest, cma_boot: Callable[..., BoardSession]
+) -> Iterator[BoardSession]:
+    """The ``--cma-board`` board, of this test's own: restored from a session snapshot (one
+    boot per session) and shut down after the test, whatever the test did to it."""
+    boards = _Boards.current
+    assert boards is not None  # cma_boot made it
+    session = boards.fresh(str(request.config.getoption("--cma-board")))
+    try:
+        yield session
+    finally:
+        session._close()
 
 
 @pytest.fixture
-def guest(cma_board: BoardSession) -> Guest:
-    """The shared board's guest console."""
-    return cma_board.guest
+def fresh_agent(fresh_board: BoardSession) -> SyncAgent:
+    """:class:`SyncAgent` of a board of this test's own (``fresh_board``)."""
+    return fresh_board.agent
+
+
+@pytest.fixture
+def fresh_guest(fresh_board: BoardSession) -> Guest:
+    """:class:`Guest` of a board of this test's own (``fresh_board``)."""
+    return fresh_board.guest
+
+
+def _board_for_test(request: pytest.FixtureRequest) -> BoardSession:
+    """``cma_board``, or with ``--cma-fresh=restore`` the test's own ``fresh_board``."""
+    name = "fresh_board" if request.config.getoption("--cma-fresh") == "restore" else "cma_board"
+    session: BoardSession = request.getfixturevalue(name)
+    return session
+
+
+@pytest.fixture
+def agent(request: pytest.FixtureRequest) -> Iterator[SyncAgent]:
+    """The board's agent (see ``--cma-fresh``); on the shared board the test's leftover
+    chunks are released afterwards."""
+    session = _board_for_test(request)
+    yield session.agent
+    if request.config.getoption("--cma-fresh") != "restore":
+        session.agent.release_leftovers()
+
+
+@pytest.fixture
+def guest(request: pytest.FixtureRequest) -> Guest:
+    """The board's guest console (see ``--cma-fresh``)."""
+    return _board_for_test(request).guest
