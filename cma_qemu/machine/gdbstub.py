@@ -422,6 +422,8 @@ class GdbStubGuestMemory(GuestMemory):
         self._remote = remote
         self._running = False
         try:
+            if running:  # QEMU reports the stop the connection caused
+                await self._stop_reply(remote)
             await remote.command("qSupported:multiprocess+", self.timeout)
             reply = await remote.command("Qqemu.PhyMemMode:1", self.timeout)
             if reply != "OK":
@@ -443,16 +445,17 @@ class GdbStubGuestMemory(GuestMemory):
         self._mark_stopped()
         remote.send_raw(b"\x03")
         try:
-            while True:
-                reply = await remote.reply(self.timeout)
-                if reply[:1] in ("T", "S"):
-                    break
+            await self._stop_reply(remote)
         except BaseException:
             # the VM may or may not have stopped: continue it to be safe (muted either way)
             self._continue(remote)
             raise
         self._running = False
         return True
+
+    async def _stop_reply(self, remote: GdbRemote) -> None:
+        while (await remote.reply(self.timeout))[:1] not in ("T", "S"):
+            pass
 
     def _continue(self, remote: GdbRemote) -> None:
         """``c``: one synchronous socket write, then the marker goes."""
@@ -481,6 +484,16 @@ class GdbStubGuestMemory(GuestMemory):
         self._guard.stopped_by_us = False
         with contextlib.suppress(OSError):
             self._guard.marker.unlink()
+
+    async def disconnect(self) -> None:
+        """Let go of the stub (another client may connect); the next write connects again."""
+        async with self._lock:
+            if self._remote is not None:
+                if self._guard.stopped_by_us:
+                    self._continue(self._remote)
+                await self._remote.close()
+                self._remote = None
+                self._guard.fileno = -1
 
     async def close(self) -> None:
         """Continue the VM if this backend holds it stopped, then close the socket."""

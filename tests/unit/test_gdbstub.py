@@ -74,6 +74,7 @@ class FakeQemu:
         self.unacked = True
 
     def vm_stop(self, reply: bool) -> None:
+        """QEMU's vm_stop: a STOP event, and a stop reply to a connected client."""
         if self.running:
             self.running = False
             self.stops += 1
@@ -88,7 +89,7 @@ class FakeQemu:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.vm_stop(reply=False)  # connecting stops the VM
+        self.vm_stop(reply=True)  # connecting stops the VM, and the stub says so
         buf = b""
         try:
             while True:
