@@ -150,9 +150,9 @@ def _refuse_unsupported(board: Board) -> None:
 async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
     """Save ``agent``'s booted guest and CMA state into the directory ``path``.
 
-    The guest is stopped at a quiet point (the agent answers each request in one step of its
-    event loop, so between two steps nothing is in flight), its device state and RAM are
-    copied, and it runs on. Cost: one migration (tens of ms) plus the RAM pages in use.
+    The guest is stopped, requests it sent before are answered (the stop halts new ones),
+    its device state and RAM are copied, and it runs on. Cost: one migration (tens of ms)
+    plus the RAM pages in use.
     """
     machine = agent.machine
     if not isinstance(machine, Machine):

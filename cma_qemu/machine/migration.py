@@ -92,14 +92,19 @@ async def _wait_migration(qmp: QMPClient, what: str, timeout: float) -> None:
         delay = min(delay * 2, 0.05)
 
 
-async def save_state(qmp: QMPClient, state_file: Path, *, timeout: float = 60.0) -> None:
+async def save_state(
+    qmp: QMPClient, state_file: Path, *, timeout: float = 60.0, settle: float = 0.02
+) -> None:
     """Stop the guest and write QEMU's device state to ``state_file`` (RAM excluded).
 
-    The guest stays stopped: the caller copies RAM, then resumes it with ``cont``.
-    Cost: 20 to 90 ms on virt (the stream is about 345 KB).
+    Between the stop and the save the event loop runs for ``settle`` seconds, so a request
+    the guest sent before it stopped is read and answered into QEMU first (and saved with
+    it). The guest stays stopped: the caller copies RAM, then resumes it with ``cont``.
+    Cost: ``settle`` plus 20 to 90 ms on virt (the stream is about 345 KB).
     """
     await qmp_call(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
     await qmp_call(qmp, "stop")
+    await asyncio.sleep(settle)
     await qmp_call(qmp, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
     await _wait_migration(qmp, "saving the device state", timeout)
 
