@@ -215,7 +215,7 @@ async def _agent_phases(board_name: str) -> dict[str, float]:
         machine = agent.machine
         try:
             t1 = time.perf_counter()
-            out, status = await agent.guest_run("true")
+            out, status = await agent.shell.run("true")
             t["run `true`"] = time.perf_counter() - t1
             if status:
                 raise RuntimeError(f"`true` exited {status} in the guest: {out}")

@@ -107,10 +107,10 @@ async def measure(
         # stub sets 115200 itself when it opens the port; --baud is for experiments only
         # (the stub overrides what stty set).
         if baud is not None:
-            await agent.guest_run(f"stty -F {board.channel.name} {baud} 2>/dev/null")
+            await agent.shell.run(f"stty -F {board.channel.name} {baud} 2>/dev/null")
         result.channel += " (115200 baud, FIFO-gated)"
     async with agent:
-        async with agent.stub(timeout=600) as stub:
+        async with agent.shell.stub(timeout=600) as stub:
             for r in range(rounds):
                 # alternate which goes first, so a drift in load does not favour one
                 order = ("ping", "bench") if r % 2 == 0 else ("bench", "ping")

@@ -73,14 +73,15 @@ async def measure(
     board_name: str, size: int, runs: int, console: Console
 ) -> dict[str, list[float]]:
     """Seconds per run for each method on one booted board."""
-    from cma_qemu.agent import Agent, find_mismatch
+    from cma_qemu.agent import Agent
     from cma_qemu.boards import load_board
     from cma_qemu.machine.memory import MmapGuestMemory, PmemsaveGuestMemory
+    from cma_qemu.pattern import find_mismatch
 
     board = load_board(board_name)
     agent = await Agent.boot(board)
     times: dict[str, list[float]] = {}
-    async with agent, agent.stub(timeout=300) as stub:
+    async with agent, agent.shell.stub(timeout=300) as stub:
         out = await stub.send(f"alloc {DEVICES[board_name]} {size}")
         if not out.startswith("1: "):
             raise RuntimeError(f"{board_name}: alloc printed {out!r}")

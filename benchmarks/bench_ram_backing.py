@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from environment import machine_info
 
-from cma_qemu.agent import expected_pattern, find_mismatch
 from cma_qemu.machine.launch import guest_ram
 from cma_qemu.machine.memory import MmapGuestMemory
+from cma_qemu.pattern import expected_pattern, find_mismatch
 
 ROOT = Path(__file__).resolve().parent.parent
 RAM = 512 << 20

@@ -193,7 +193,7 @@ async def in_guest(n: int, rounds: int, console: Console) -> dict[str, list[floa
         with tempfile.TemporaryDirectory(prefix="cma-qemu-bench-") as tmp:
             directory = Path(tmp)
             identity = JournalIdentity.of(board.name, board.regions, agent.cma, None)
-            async with agent.stub(timeout=600) as stub:
+            async with agent.shell.stub(timeout=600) as stub:
                 for r in range(rounds):
                     order = ["ping", *MODES]
                     order = order[r % len(order) :] + order[: r % len(order)]

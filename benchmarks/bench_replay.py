@@ -206,16 +206,16 @@ async def measure_stub(seed: int, work: Path, console: Console) -> StubResult:
     expected = replay(text, build_cma(board=board, **STUB_ATTRIBUTES)).stdout
     agent = await Agent.boot(board, **STUB_ATTRIBUTES)
     async with agent:
-        await agent.put_file("/tmp/churn.cma", text.encode())
-        await agent.put_file("/tmp/rtt.cma", b"ping 2000\nbench 2000 t 64K\n")
-        _, status = await agent.guest_run("true")  # warm the shell
+        await agent.shell.put_file("/tmp/churn.cma", text.encode())
+        await agent.shell.put_file("/tmp/rtt.cma", b"ping 2000\nbench 2000 t 64K\n")
+        _, status = await agent.shell.run("true")  # warm the shell
         t0 = time.perf_counter()
-        _, status = await agent.guest_run("cma-test < /tmp/churn.cma > /tmp/churn.out", 600)
+        _, status = await agent.shell.run("cma-test < /tmp/churn.cma > /tmp/churn.out", 600)
         seconds = time.perf_counter() - t0
         if status != 0:
             raise SystemExit(f"cma-test exited {status} on the churn trace")
-        out = (await agent.get_file("/tmp/churn.out")).decode()
-        rtt, _ = await agent.guest_run("cma-test < /tmp/rtt.cma", 600)
+        out = (await agent.shell.get_file("/tmp/churn.out")).decode()
+        rtt, _ = await agent.shell.run("cma-test < /tmp/rtt.cma", 600)
     timings = {m[1]: int(m[3]) for m in TIMING.finditer(rtt)}
     console.print(f"[dim]stub: {seconds:.1f} s for {text.count(chr(10)):,} lines; {rtt}[/dim]")
     return StubResult(text.count("\n"), seconds, out == expected, timings["ping"], timings["bench"])

@@ -90,7 +90,7 @@ async def one_cycle(board: str, number: int) -> Cycle:
         ram = agent.machine.ram_path  # type: ignore[union-attr]
         if ram is not None and not str(ram).startswith("/proc/"):
             ours.append(ram)
-        result = await agent.run_script(SCRIPT)
+        result = await agent.shell.run_script(SCRIPT)
         if result.stderr or result.status or len(result.stdout.splitlines()) != 3:
             raise SystemExit(f"soak: cycle {number}: the guest session failed: {result}")
         client = QMPClient("soak")

@@ -8,22 +8,16 @@ knows the framework, the monitor knows both through callables).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import re
-import shlex
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any
-
-import numpy as np
 
 from cma_qemu.boards import Board
 from cma_qemu.channel import ChannelServer, FifoGate
-from cma_qemu.errors import EIO, ENODEV
+from cma_qemu.closing import AsyncClosing
+from cma_qemu.configuration import build_cma
+from cma_qemu.errors import ENODEV
 from cma_qemu.framework import Chunk, Cma
 from cma_qemu.guest_image import build_guest, find_guest
 from cma_qemu.journal import JOURNAL_NAME, Journal, JournalIdentity, RestoreReport, qemu_identity
@@ -33,91 +27,36 @@ from cma_qemu.machine.events import QmpEvent
 from cma_qemu.machine.launch import CHANNEL_PORT_ID, Machine
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory
 from cma_qemu.machine.qmp import chardevs, uart_rx_level
+from cma_qemu.machine.running import MachineLike
 from cma_qemu.monitor import Monitor
+from cma_qemu.pattern import find_mismatch
 from cma_qemu.record import RecordingHeader, RecordingSwitch
-from cma_qemu.replay import build_cma
+from cma_qemu.shell import GuestShell, GuestStub, ScriptResult
 
-__all__ = ["Agent", "GuestStub", "ScriptResult", "expected_pattern", "find_mismatch"]
+# GuestStub and ScriptResult live in cma_qemu.shell; named here for older callers.
+__all__ = ["Agent", "GuestStub", "ScriptResult"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-_GUEST_SCRIPT = "/tmp/cma-script"
-_STUB_PROMPT = "cma-test> "
-_B64_LINE = 512  # well under the tty's 4095-byte canonical line
 
 
-@dataclass(frozen=True)
-class ScriptResult:
-    """What ``cma-test`` printed in the guest for one script, and its exit status."""
-
-    stdout: str
-    stderr: str
-    status: int
-
-
-def expected_pattern(pattern: int, nwords: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
-    """``word[i] = (pattern + i) mod 2^32``, the stub's ``write`` fill (docs/line-format.md)."""
-    words = np.arange(nwords, dtype=np.uint32)
-    words += np.uint32(pattern & 0xFFFFFFFF)  # uint32 arithmetic wraps, as in the stub
-    return words
-
-
-def find_mismatch(data: bytes | memoryview, size: int, pattern: int) -> int | None:
-    """Byte offset of the first word of ``data`` that breaks the pattern over ``size`` bytes."""
-    nwords = (size + 3) // 4
-    words = np.frombuffer(data, dtype="<u4", count=nwords)
-    expected = expected_pattern(pattern, nwords)
-    if np.array_equal(words, expected):
-        return None
-    return int(np.flatnonzero(words != expected)[0]) * 4
-
-
-class GuestStub:
-    """``cma-test`` running interactively on the guest console, holding its chunks.
-
-    A script run ends with the stub's exit, which frees everything; a held stub keeps its
-    chunks alive between :meth:`send` calls, so the host can look at them meanwhile.
-    """
-
-    def __init__(self, console: Console, timeout: float) -> None:
-        self._console = console
-        self.timeout = timeout
-        self.transcript: list[tuple[str, str]] = []
-
-    async def start(self) -> None:
-        """Start the stub and wait for its first prompt."""
-        await self._console.converse("cma-test", _STUB_PROMPT, self.timeout)
-
-    async def send(self, line: str) -> str:
-        """One line to the stub; what it printed (stdout and stderr, as on a terminal)."""
-        if "\n" in line:
-            raise EIO("send one line at a time", where="cma-test")
-        out = str(await self._console.converse(line, _STUB_PROMPT, self.timeout))
-        self.transcript.append((line, out))
-        return out
-
-    async def close(self) -> None:
-        """End of input (Ctrl-D): the stub frees what it holds and exits."""
-        await self._console.converse("\x04", None, self.timeout)
-        await self._console.run("true", self.timeout)  # back in step with the shell
-
-
-class Agent:
+class Agent(AsyncClosing):
     """A board with CMA: build it with :meth:`boot` or :meth:`attach`, then ``close()``.
 
-    ``cma`` is the framework (query it freely), ``memory`` reads guest RAM, ``console`` runs
-    guest commands (booted machines only), ``monitor_path`` is the QMP socket for inspection
-    scripts. ``recording`` starts and stops a recording of what is served (``--record``);
-    an attached agent keeps a ``journal`` of its state, and ``journal_restore`` says what it got
-    back. :meth:`snapshot` saves a booted board and :meth:`restore` starts one from it.
+    ``cma`` is the framework (query it freely), ``memory`` reads guest RAM, ``shell`` runs
+    guest commands on the ``console`` (booted machines only), ``monitor_path`` is the QMP
+    socket for inspection scripts. ``recording`` starts and stops a recording of what is
+    served (``--record``); an attached agent keeps a ``journal`` of its state, and
+    ``journal_restore`` says what it got back. :meth:`snapshot` saves a booted board and
+    :meth:`restore` starts one from it.
     """
 
     def __init__(
         self,
         board: Board,
         cma: Cma,
-        machine: Machine | AttachedMachine,
+        machine: MachineLike,
         channel: ChannelServer,
         monitor: Monitor,
         monitor_path: Path,
@@ -136,6 +75,7 @@ class Agent:
         self.recording = RecordingSwitch(cma, self._recording_header)
         self.journal: Journal | None = None
         self.journal_restore: RestoreReport | None = None
+        self._shell: GuestShell | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -293,7 +233,7 @@ class Agent:
         cls,
         board: Board,
         cma: Cma,
-        machine: Machine | AttachedMachine,
+        machine: MachineLike,
         monitor_at: Path,
         *,
         regions: str | None,
@@ -322,13 +262,13 @@ class Agent:
         return agent
 
     @staticmethod
-    def _gate(machine: Machine | AttachedMachine) -> FifoGate | None:
+    def _gate(machine: MachineLike) -> FifoGate | None:
         """A UART channel's writes are metered by its receive FIFO's level (see FifoGate)."""
         spec = machine.board.channel
-        status = getattr(spec, "rx_fifo_status", None)
+        status = spec.rx_fifo_status
         if spec.kind != "uart" or status is None:
             return None
-        size = int(getattr(spec, "rx_fifo_size", 64))
+        size = spec.rx_fifo_size
         return FifoGate(lambda: uart_rx_level(machine.qmp, status, size), size)
 
     def _follow_events(self) -> None:
@@ -377,17 +317,6 @@ class Agent:
         await self._close_serving()
         await self.machine.close()
 
-    async def __aenter__(self) -> Agent:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     # ------------------------------------------------------------------ guest memory
     @property
     def memory(self) -> GuestMemory:
@@ -415,59 +344,39 @@ class Agent:
     # ------------------------------------------------------------------ guest commands
     @property
     def console(self) -> Console:
-        """The guest console (booted machines only)."""
-        if not isinstance(self.machine, Machine):
-            raise EIO("an attached machine has no console here", where="agent")
+        """The guest console (booted machines only; EIO on an attached one)."""
         return self.machine.console
 
-    async def guest_run(self, cmd: str, timeout: float = 60.0) -> tuple[str, int]:
-        """Run a shell command in the guest: (output, exit status).
+    @property
+    def shell(self) -> GuestShell:
+        """Commands, files and ``cma-test`` on the guest console (booted machines only)."""
+        if self._shell is None:
+            self._shell = GuestShell(self.console)
+        return self._shell
 
-        It runs in a subshell, so ``exit 3`` gives status 3 instead of ending the guest's shell.
-        """
-        out, status = await self.console.run(f"( eval {shlex.quote(cmd)} )", timeout)
-        return str(out), int(status)
+    # -- forwards to :attr:`shell`, for callers written against the agent (one line each)
+    async def guest_run(self, cmd: str, timeout: float = 60.0) -> tuple[str, int]:
+        """:meth:`GuestShell.run <cma_qemu.shell.GuestShell.run>` on this agent's console."""
+        return await self.shell.run(cmd, timeout)
 
     async def _check(self, cmd: str, timeout: float = 60.0) -> str:
-        out, status = await self.guest_run(cmd, timeout)
-        if status:
-            raise EIO(f"guest command {cmd!r} failed with status {status}: {out}", where="guest")
-        return out
+        return await self.shell.check(cmd, timeout)
 
     async def put_file(self, path: str, data: bytes) -> None:
-        """Copy bytes into a guest file over the console (base64, in short lines)."""
-        encoded = base64.b64encode(data).decode("ascii")
-        await self._check(f": > {path}.b64")
-        for offset in range(0, len(encoded), _B64_LINE):
-            await self._check(f"echo {encoded[offset : offset + _B64_LINE]} >> {path}.b64")
-        await self._check(f"base64 -d {path}.b64 > {path} && rm {path}.b64")
+        """:meth:`GuestShell.put_file <cma_qemu.shell.GuestShell.put_file>`."""
+        await self.shell.put_file(path, data)
 
     async def get_file(self, path: str) -> bytes:
-        """A guest file's exact bytes (base64 over the console, so no tty translation)."""
-        encoded = await self._check(f"base64 {path}")
-        return base64.b64decode(re.sub(r"\s+", "", encoded))
+        """:meth:`GuestShell.get_file <cma_qemu.shell.GuestShell.get_file>`."""
+        return await self.shell.get_file(path)
 
     async def run_script(self, text: str, timeout: float = 120.0) -> ScriptResult:
-        """Run a script with ``cma-test`` in the guest; its exact stdout and stderr."""
-        await self.put_file(_GUEST_SCRIPT, text.encode("utf-8", "surrogateescape"))
-        _, status = await self.guest_run(
-            f"cma-test < {_GUEST_SCRIPT} > {_GUEST_SCRIPT}.out 2> {_GUEST_SCRIPT}.err", timeout
-        )
-        out = await self.get_file(f"{_GUEST_SCRIPT}.out")
-        err = await self.get_file(f"{_GUEST_SCRIPT}.err")
-        return ScriptResult(
-            out.decode("utf-8", "surrogateescape"), err.decode("utf-8", "surrogateescape"), status
-        )
+        """:meth:`GuestShell.run_script <cma_qemu.shell.GuestShell.run_script>`."""
+        return await self.shell.run_script(text, timeout)
 
-    @contextlib.asynccontextmanager
-    async def stub(self, timeout: float = 60.0) -> AsyncIterator[GuestStub]:
-        """``async with agent.stub() as stub: await stub.send("alloc vpu/dec 1M")``."""
-        stub = GuestStub(self.console, timeout)
-        await stub.start()
-        try:
-            yield stub
-        finally:
-            await stub.close()
+    def stub(self, timeout: float = 60.0) -> contextlib.AbstractAsyncContextManager[GuestStub]:
+        """:meth:`GuestShell.stub <cma_qemu.shell.GuestShell.stub>`."""
+        return self.shell.stub(timeout)
 
     def chunks_of_guest(self) -> list[Chunk]:
         """The live chunks the guest on this board's channel owns."""

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from cma_qemu.agent import Agent, GuestStub
+from cma_qemu.agent import Agent
 from cma_qemu.boards import Board, load_board
 from cma_qemu.lifecycle import run
+from cma_qemu.shell import GuestStub
 from cma_qemu.views import human_size, local_snapshot, region_map, region_table, stats_table
 
 __all__ = ["DEMO_SESSIONS", "cmd_demo"]
@@ -135,7 +136,7 @@ async def _demo(board: Board, console: Console) -> int:
         console.print(f"map:      {agent.cma.map_text or '(unset)'}")
         console.print(f"asterisk: {agent.cma.asterisk_text or '(unset)'}\n")
 
-        async with agent.stub() as stub:
+        async with agent.shell.stub() as stub:
             held = await _session(agent, stub, console)
             verified = await _verify(agent, held, console)
             guest_ok = True

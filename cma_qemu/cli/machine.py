@@ -92,12 +92,12 @@ async def _boot(args: argparse.Namespace) -> int:
             console.print(region_table(local_snapshot(agent.cma)[0]))
             console.print(f"[dim]monitor: {agent.monitor_path}[/dim]")
         if args.run is not None:
-            out, status = await agent.guest_run(args.run, timeout=args.timeout)
+            out, status = await agent.shell.run(args.run, timeout=args.timeout)
             if out:
                 print(out, flush=True)
             return status
         if script is not None:
-            result = await agent.run_script(script, timeout=args.timeout)
+            result = await agent.shell.run_script(script, timeout=args.timeout)
             sys.stdout.write(result.stdout)
             sys.stderr.write(result.stderr)
             return 1 if result.stderr or result.status else 0

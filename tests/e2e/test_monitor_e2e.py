@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from qemu.qmp import QMPClient
 
-from cma_qemu.agent import expected_pattern
 from cma_qemu.channel import ChannelServer
+from cma_qemu.pattern import expected_pattern
 from cma_qemu.pytest_plugin import Guest, SyncAgent
 
 pytestmark = pytest.mark.e2e
