@@ -20,8 +20,10 @@ What the stub's stops must not do:
   goes away) the next agent that opens this memory sends QMP ``cont``
   (:func:`recover_stopped_vm`).
 
-Reads stay on ``pmemsave``: the stub reads at 13-55 MB/s in 2 KiB packets with the guest
-stopped, ``pmemsave`` at about 0.5 GB/s (BENCHMARKS.md, "Host writes on smdkc210").
+Reads of more than 2 KiB stay on ``pmemsave`` (about 0.25 GB/s, 50x the stub at 1 MiB, and
+the guest runs on); reads of up to 2 KiB (one ``m`` packet) go through the stub, which
+measured 2-5x faster than a ``pmemsave`` round trip there (BENCHMARKS.md, "Host writes on
+smdkc210").
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from cma_qemu.machine.memory import GuestMemory, PmemsaveGuestMemory, QmpExecuto
 
 __all__ = [
     "GDB_CHARDEV",
+    "MAX_READ_PACKET",
     "MAX_WRITE_PACKET",
     "STOP_GROUP",
+    "STUB_READ_MAX",
     "EventMuter",
     "GdbRemote",
     "GdbStubGuestMemory",
@@ -64,6 +68,10 @@ GDB_CHARDEV = "gdb0"
 MAX_WRITE_PACKET = 0x7F0
 #: A bulk write continues the guest after this many bytes, so it is never frozen for long.
 STOP_GROUP = 256 * 1024
+#: Bytes per ``m`` reply (hex, within the same 4096-byte buffer).
+MAX_READ_PACKET = 0x800
+#: Reads up to this size go through the stub: measured faster than pmemsave (BENCHMARKS.md).
+STUB_READ_MAX = MAX_READ_PACKET
 _CONTINUE = b"$c#63"
 
 
@@ -333,7 +341,8 @@ class GdbStubGuestMemory(GuestMemory):
     ) -> None:
         super().__init__(ram_base, ram_size, banks)
         self._qmp = qmp
-        self._reads = PmemsaveGuestMemory(qmp, tmpdir, ram_base, ram_size, banks)
+        #: The pmemsave reader :meth:`read` uses above :data:`STUB_READ_MAX`.
+        self.pmemsave = PmemsaveGuestMemory(qmp, tmpdir, ram_base, ram_size, banks)
         self.gdb_socket = Path(gdb_socket)
         self._events = events
         self.timeout = timeout
@@ -347,10 +356,18 @@ class GdbStubGuestMemory(GuestMemory):
         self._finalizer = weakref.finalize(self, self._guard)
         self.last_write = WriteStats()
         self.on_write: Callable[[WriteStats], Any] | None = None
+        #: Small reads through the stub (False: every read on pmemsave, the guest never
+        #: stopped by a read).
+        self.small_reads_via_stub = True
 
     async def read(self, addr: int, size: int) -> bytes:
+        """Up to :data:`STUB_READ_MAX` bytes through the stub (one ``m`` packet: 2-5x faster
+        than a ``pmemsave`` round trip), more with ``pmemsave`` (50x faster at 1 MiB, and
+        the guest keeps running)."""
         self.check(addr, size)
-        return await self._reads.read(addr, size)
+        if 0 < size <= STUB_READ_MAX and self.small_reads_via_stub:
+            return await self.read_via_stub(addr, size)
+        return await self.pmemsave.read(addr, size)
 
     async def write(self, addr: int, data: bytes) -> None:
         """Store ``data`` at ``addr`` (stop, ``M`` packets, continue; per 256 KiB)."""
@@ -397,6 +414,40 @@ class GdbStubGuestMemory(GuestMemory):
             )
         if self.on_write is not None:
             self.on_write(self.last_write)
+
+    async def read_via_stub(self, addr: int, size: int) -> bytes:
+        """``size`` bytes through the stub (``m`` packets of 2 KiB, the guest stopped).
+
+        Not :meth:`read`: ``pmemsave`` is faster from a few KiB up and never stops the guest
+        (BENCHMARKS.md); this is here so that is measured, not assumed.
+        """
+        self.check(addr, size)
+        out = bytearray()
+        async with self._lock:
+            remote = await self._connected()
+            we_stopped = await self._stop(remote)
+            try:
+                for off in range(0, size, MAX_READ_PACKET):
+                    n = min(MAX_READ_PACKET, size - off)
+                    reply = await remote.command(f"m{addr + off:x},{n:x}", self.timeout)
+                    try:
+                        part = bytes.fromhex(reply)
+                    except ValueError:
+                        part = b""
+                    if len(part) != n:
+                        raise EIO(
+                            f"gdbstub read {addr + off:#x}+{n:#x}: {reply[:16]!r}", where="gdbstub"
+                        )
+                    out += part
+            except BaseException:
+                if we_stopped:
+                    self._continue(remote)
+                remote.abort()
+                self._remote = None
+                raise
+            if we_stopped:
+                self._continue(remote)
+        return bytes(out)
 
     async def _vm_running(self) -> bool:
         status = await self._qmp.execute("query-status")
@@ -508,4 +559,4 @@ class GdbStubGuestMemory(GuestMemory):
             self._remote = None
         self._guard.fileno = -1
         self._finalizer()
-        await self._reads.close()
+        await self.pmemsave.close()

@@ -136,6 +136,10 @@ class FakeQemu:
             if self.write_reply == "OK":
                 self.ram[addr - BASE : addr - BASE + n] = data
             self._send(self.write_reply)
+        elif p.startswith("m"):
+            addr, n = (int(x, 16) for x in p[1:].split(","))
+            assert n <= 0x800
+            self._send(self.ram[addr - BASE : addr - BASE + n].hex())
         elif p == "c":
             self.vm_start()
         else:
@@ -188,8 +192,8 @@ async def test_a_word_written_is_read_back_and_the_vm_runs_on(tmp_path: Path) ->
         assert fake.running
         assert "Qqemu.PhyMemMode:1" in fake.packets
         assert not stopped_marker(fake.sock).exists()
-        # the stub's stops and continues (connect + one write) are not guest events
-        assert fake.stops == 2
+        # the stub's stops and continues (connect, the write, the small read) are not events
+        assert fake.stops == 3
         assert run_stop_events(hub) == []
 
 
@@ -356,3 +360,20 @@ def test_qemu_options_name_the_socket() -> None:
         "-gdb",
         "chardev:gdb0",
     ]
+
+
+async def test_reads_through_the_stub_match_pmemsave(tmp_path: Path) -> None:
+    data = os.urandom(3 * 0x800 + 7)
+    async with machine(tmp_path) as (fake, mem, hub):
+        fake.ram[0x10 : 0x10 + len(data)] = data
+        assert await mem.read_via_stub(BASE + 0x10, len(data)) == data
+        stops = fake.stops
+        assert await mem.read(BASE + 0x10, len(data)) == data  # > 2 KiB: pmemsave
+        assert fake.stops == stops
+        assert await mem.read(BASE + 0x10, 0x800) == data[:0x800]  # one packet: the stub
+        assert fake.stops == stops + 1
+        mem.small_reads_via_stub = False
+        assert await mem.read(BASE + 0x10, 4) == data[:4]
+        assert fake.stops == stops + 1
+        await asyncio.sleep(0.01)
+        assert fake.running and run_stop_events(hub) == []
