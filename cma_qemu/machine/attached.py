@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,16 @@ from cma_qemu.errors import EIO
 from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.events import EventHub
+from cma_qemu.machine.gdbstub import GDB_CHARDEV, GdbStubGuestMemory, recover_stopped_vm
 from cma_qemu.machine.memory import GuestMemory, MmapGuestMemory, PmemsaveGuestMemory
-from cma_qemu.machine.profiles import BoardLike, ram_extent
-from cma_qemu.machine.qmp import Chardev, connect_qmp, find_channel_chardev, machine_ram_backend
+from cma_qemu.machine.profiles import BoardLike, profile_of, ram_extent
+from cma_qemu.machine.qmp import (
+    Chardev,
+    chardevs,
+    connect_qmp,
+    find_channel_chardev,
+    machine_ram_backend,
+)
 
 __all__ = ["AttachedMachine", "attach", "open_guest_memory"]
 
@@ -28,10 +36,21 @@ log = logging.getLogger(__name__)
 
 
 async def open_guest_memory(
-    qmp: QMPClient, board: BoardLike, tmpdir: str | os.PathLike[str]
+    qmp: QMPClient,
+    board: BoardLike,
+    tmpdir: str | os.PathLike[str],
+    events: EventHub | None = None,
 ) -> GuestMemory:
-    """mmap of the shared RAM backend file when there is one, otherwise QMP pmemsave."""
+    """mmap of the shared RAM backend file when there is one, otherwise QMP pmemsave (with
+    writes through QEMU's gdbstub when the machine has one: a VM a killed agent left stopped
+    there is continued now)."""
     base, size, banks = ram_extent(board)
+    if profile_of(board).gdbstub_writes:
+        for dev in await chardevs(qmp):
+            found = re.match(r"unix:([^,]+)", dev.filename)
+            if dev.label == GDB_CHARDEV and found:
+                await recover_stopped_vm(qmp, found[1])
+                return GdbStubGuestMemory(qmp, tmpdir, found[1], base, size, banks, events=events)
     if board.memory_access == "mmap":
         backend = await machine_ram_backend(qmp)
         if backend is not None and backend.share and backend.mem_path:
@@ -104,8 +123,8 @@ async def attach(
         tmp = tempfile.TemporaryDirectory(prefix="cma-qemu-attach-")
         os.chmod(tmp.name, 0o700)
         rundir.claim(tmp.name)  # swept by the next start if this process is killed
-        memory = await open_guest_memory(qmp, board, tmp.name)
         hub = EventHub(qmp)
+        memory = await open_guest_memory(qmp, board, tmp.name, hub)
         hub.start()
         return AttachedMachine(
             board, qmp, Path(qmp_path), Path(channel_path), chardev, memory, hub, tmp

@@ -377,3 +377,42 @@ async def test_reads_through_the_stub_match_pmemsave(tmp_path: Path) -> None:
         assert fake.stops == stops + 1
         await asyncio.sleep(0.01)
         assert fake.running and run_stop_events(hub) == []
+
+
+async def test_attach_finds_the_stub_and_continues_a_vm_a_killed_agent_left_stopped(
+    tmp_path: Path,
+) -> None:
+    from cma_qemu.boards import load_board
+    from cma_qemu.machine.attached import open_guest_memory
+
+    sock = tmp_path / "gdb.sock"
+    calls: list[str] = []
+
+    class Qmp:
+        running = False
+
+        async def execute(
+            self, cmd: str, arguments: dict[str, Any] | None = None, oob: bool = False
+        ) -> object:
+            calls.append(cmd)
+            if cmd == "query-chardev":
+                return [
+                    {"label": "cma0", "filename": "unix:/x/channel.sock,server=on"},
+                    {"label": "gdb0", "filename": f"unix:{sock},server=on"},
+                ]
+            if cmd == "query-status":
+                return {"running": self.running, "status": "running" if self.running else "paused"}
+            if cmd == "cont":
+                self.running = True
+                return {}
+            raise AssertionError(cmd)
+
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()
+    stopped_marker(sock).write_text(f"{proc.pid}\n")
+    qmp = Qmp()
+    memory = await open_guest_memory(cast(Any, qmp), load_board("smdkc210"), tmp_path)
+    assert isinstance(memory, GdbStubGuestMemory) and memory.gdb_socket == sock
+    assert calls == ["query-chardev", "query-status", "cont"] and qmp.running
+    assert not stopped_marker(sock).exists()
+    await memory.close()
