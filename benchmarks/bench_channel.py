@@ -147,7 +147,7 @@ def agent_side(board_name: str, dev: str, n: int = 20000) -> dict[str, float]:
     """Microseconds per request in ``GuestSession.feed`` (no I/O): ping, alloc, free."""
     from cma_qemu.boards import load_board
     from cma_qemu.channel.session import GuestSession
-    from cma_qemu.replay import build_cma
+    from cma_qemu.configuration import build_cma
 
     cma = build_cma(board=load_board(board_name))
     session = GuestSession(cma, "bench")

@@ -147,7 +147,7 @@ def agent_side(n: int = 500, repeat: int = 21) -> dict[str, tuple[float, float]]
     """
     from cma_qemu.boards import load_board
     from cma_qemu.channel.session import GuestSession
-    from cma_qemu.replay import build_cma
+    from cma_qemu.configuration import build_cma
 
     alloc = (
         b'{"execute":"cma-alloc","arguments":{"dev":"vpu","kind":"dec","size":1048576},"id":1}\n'

@@ -41,7 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cma_qemu.churn import ChurnShape, churn_script
-from cma_qemu.replay import build_cma, parse_ram
+from cma_qemu.configuration import build_cma
+from cma_qemu.replay import parse_ram
 
 HERE = Path(__file__).resolve().parent
 BASELINE_SOURCE = HERE / "replay_baseline.cc"

@@ -33,8 +33,7 @@ from cma_qemu.pattern import find_mismatch
 from cma_qemu.record import RecordingHeader, RecordingSwitch
 from cma_qemu.shell import GuestShell, GuestStub, ScriptResult
 
-# GuestStub and ScriptResult live in cma_qemu.shell; named here for older callers.
-__all__ = ["Agent", "GuestStub", "ScriptResult"]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 

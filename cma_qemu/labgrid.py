@@ -42,10 +42,10 @@ import attr
 
 from cma_qemu.agent import Agent
 from cma_qemu.boards import Board, load_board
+from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, EIO, ENODEV
 from cma_qemu.machine.launch import QEMU, PreparedLaunch, kernel_cmdline, prepare_launch
 from cma_qemu.pytest_plugin import SyncAgent, _LoopThread
-from cma_qemu.replay import build_cma
 
 try:
     from labgrid.driver import QEMUDriver  # type: ignore[import-untyped]

@@ -53,10 +53,12 @@ from typing import Any, TypeVar
 import pytest
 
 from cma_qemu import guest_put, lifecycle
-from cma_qemu.agent import Agent, GuestStub, ScriptResult
+from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.framework import Chunk, Cma
+from cma_qemu.machine.console import require_success
 from cma_qemu.monitor.commands import MONITOR_OWNER
+from cma_qemu.shell import GuestStub, ScriptResult
 
 __all__ = ["BoardSession", "Guest", "GuestResult", "SyncAgent", "SyncStub"]
 
@@ -293,19 +295,17 @@ class Guest:
 
     def run(self, cmd: str, timeout: float = 120) -> GuestResult:
         """Run a shell command in the guest (in a subshell); output and exit status."""
-        out, status = self._loop.run(self._agent.guest_run(cmd, timeout), timeout + 30)
+        out, status = self._loop.run(self._agent.shell.run(cmd, timeout), timeout + 30)
         return GuestResult(out, status)
 
     def check(self, cmd: str, timeout: float = 120) -> str:
         """Output of a command that must succeed."""
         result = self.run(cmd, timeout)
-        if result.status:
-            raise AssertionError(f"guest command {cmd!r} exited {result.status}: {result.output}")
-        return result.output
+        return require_success(cmd, result.output, result.status)
 
     def run_script(self, text: str, timeout: float = 300) -> ScriptResult:
         """``cma-test`` on a script in the guest: exact stdout, stderr and status."""
-        return self._loop.run(self._agent.run_script(text, timeout), timeout + 60)
+        return self._loop.run(self._agent.shell.run_script(text, timeout), timeout + 60)
 
     @contextlib.contextmanager
     def stub(self, timeout: float = 60) -> Iterator[SyncStub]:
@@ -313,7 +313,7 @@ class Guest:
 
         Its chunks stay alive until the block ends (the stub frees them at end of input).
         """
-        manager = self._agent.stub(timeout)
+        manager = self._agent.shell.stub(timeout)
         stub = self._loop.run(manager.__aenter__(), timeout + 30)
         try:
             yield SyncStub(stub, self._loop)
@@ -322,7 +322,7 @@ class Guest:
 
     def put_file(self, path: str, data: bytes) -> None:
         """Copy bytes into a guest file."""
-        self._loop.run(self._agent.put_file(path, data), 300)
+        self._loop.run(self._agent.shell.put_file(path, data), 300)
 
     def put(self, local: str | Path, guest: str, timeout: float = 900) -> None:
         """``boot --put LOCAL:GUEST``: a host file into the guest, mode bits kept."""

@@ -10,21 +10,18 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cma_qemu.configuration import build_cma, use_allocator
+from cma_qemu.configuration import use_allocator
 from cma_qemu.errors import EINVAL
 from cma_qemu.framework import Cma
 from cma_qemu.regions import RamBank
 from cma_qemu.script import FrameworkBackend, ScriptRunner, parse_number
 
-# build_cma and use_allocator live in cma_qemu.configuration; named here for older callers.
 __all__ = [
     "RegionSummary",
     "ReplayResult",
-    "build_cma",
     "external_fragmentation",
     "parse_ram",
     "replay",
-    "use_allocator",
 ]
 
 

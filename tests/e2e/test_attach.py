@@ -31,7 +31,7 @@ from qemu.qmp import QMPClient
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.channel import ChannelServer
-from cma_qemu.replay import build_cma
+from cma_qemu.configuration import build_cma
 
 pytestmark = [
     pytest.mark.e2e,

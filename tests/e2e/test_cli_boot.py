@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cma_qemu.boards import load_board
-from cma_qemu.replay import build_cma
+from cma_qemu.configuration import build_cma
 
 pytestmark = [
     pytest.mark.e2e,

@@ -22,8 +22,9 @@ from qemu.qmp import QMPClient
 
 from cma_qemu.boards import load_board
 from cma_qemu.channel import ChannelServer
+from cma_qemu.configuration import build_cma
 from cma_qemu.pytest_plugin import BoardSession, SyncStub
-from cma_qemu.replay import build_cma, replay
+from cma_qemu.replay import replay
 from cma_qemu.script import parse_number
 
 pytestmark = pytest.mark.e2e

@@ -30,10 +30,10 @@ import pytest
 from machine_helpers import guest_image
 
 from cma_qemu.boards import load_board
+from cma_qemu.configuration import build_cma
 from cma_qemu.machine import rundir
 from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
 from cma_qemu.machine.launch import LaunchFiles, machine_args, qemu_command
-from cma_qemu.replay import build_cma
 
 pytestmark = pytest.mark.e2e
 
