@@ -273,7 +273,10 @@ def join_attribute_values(argv: Sequence[str], known: Collection[str]) -> list[s
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line as the commands see it (a usage mistake exits with status 2)."""
     parser = _parser()
-    return parser.parse_args(join_attribute_values(argv, _option_strings(parser)))
+    args = parser.parse_args(join_attribute_values(argv, _option_strings(parser)))
+    if args.command == "boot" and args.board is None and args.from_dir is None:
+        parser.error("boot: the following arguments are required: board (or --from DIR)")
+    return args
 
 
 def _record_option(parser: argparse.ArgumentParser) -> None:
