@@ -34,6 +34,9 @@ Command-line choices:
   port gets ``id=cmaport0`` because QEMU emits VSERPORT_CHANGE only for ports with an id.
 * virt RAM comes from ``memory-backend-file,share=on`` so the host mmaps guest RAM; smdkc210
   ignores ``-m`` and memory backends, so it gets neither and is read with ``pmemsave``.
+* smdkc210 also gets ``-chardev socket,id=gdb0,...,server=on,wait=off -gdb chardev:gdb0``:
+  host writes go through QEMU's gdbstub (:mod:`cma_qemu.machine.gdbstub`), connected on the
+  first write only.
 * the DTB is QEMU's own (``dumpdtb`` with the very same machine options) or, on smdkc210, the
   guest image's; either way patched with ``/reserved-memory`` and passed with ``-dtb``.
 """
