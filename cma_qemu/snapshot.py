@@ -102,6 +102,7 @@ class SnapshotInfo:
     chunks: list[tuple[int, int, int, int, str | None]]
     files: dict[str, dict[str, Any]]
     created: float
+    board_file: str | None = None
 
     @property
     def board(self) -> str:
@@ -200,6 +201,7 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
         _DTB: {"size": (path / _DTB).stat().st_size, "sha256": key["dtb"]},
     }
     doc = {
+        "board_file": str(board.path),
         "format": _FORMAT,
         "version": _VERSION,
         "created": time.time(),
@@ -247,6 +249,7 @@ def read_snapshot(path: Path) -> SnapshotInfo:
             ],
             {str(k): dict(v) for k, v in doc["files"].items()},
             float(doc["created"]),
+            None if doc.get("board_file") is None else str(doc["board_file"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise EINVAL(f"malformed {SNAPSHOT_FILE}: {err!r}", where=where) from None
@@ -309,7 +312,12 @@ async def restore_agent(
     try:
         board = load_board(info.board)
     except CmaError as err:
-        raise EINVAL(f"board {info.board!r}: {err.message}", where=where) from None
+        if info.board_file is None:
+            raise EINVAL(f"board {info.board!r}: {err.message}", where=where) from None
+        try:  # a board file of one's own, not among the boards by name
+            board = load_board(info.board_file)
+        except CmaError as err2:
+            raise EINVAL(f"board {info.board_file}: {err2.message}", where=where) from None
     _refuse_unsupported(board)
     key = info.key
     cma = build_cma(
