@@ -173,8 +173,8 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
         raise from_os_error(err, f"snapshot {path}") from None
     _, total, _ = ram_extent(board)
     qmp = machine.qmp
-    await save_state(qmp, path / _STATE)
     try:
+        await save_state(qmp, path / _STATE)
         # the guest is stopped: the chunk state and the RAM copy are of the same instant
         cma = agent.cma
         chunks = [[c.start, c.size, c.requested, c.refcount, c.owner] for c in cma.chunks]
@@ -188,10 +188,16 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
                 os.close(dst)
         finally:
             os.close(src)
-    except OSError as err:
-        raise from_os_error(err, f"snapshot {path}") from None
+    except BaseException as error:
+        for name in (_STATE, _RAM, _DTB):  # no half snapshot left behind
+            with contextlib.suppress(OSError):
+                (path / name).unlink()
+        if isinstance(error, OSError):
+            raise from_os_error(error, f"snapshot {path}") from None
+        raise
     finally:
-        await qmp_call(qmp, "cont")
+        with contextlib.suppress(Exception):  # the guest runs on, whatever the save did
+            await qmp_call(qmp, "cont")
     attributes = _attributes(agent)
     key = _key(board, attributes, agent.cma, file_sha256(path / _DTB))
     state = path / _STATE
