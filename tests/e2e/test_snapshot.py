@@ -222,3 +222,47 @@ def test_cli_list_and_rm(snapshot: Path, tmp_path: Path) -> None:
     assert (tmp_path / "junk").is_dir()
     assert _cli("snapshot", "rm", str(tmp_path / "one")).returncode == 0
     assert not (tmp_path / "one").exists()
+
+
+def _processes_naming(path: Path) -> bool:
+    """Whether any process has ``path`` in its command line (QEMU names its runtime dir)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if str(path) in Path("/proc", pid, "cmdline").read_text(errors="replace"):
+                    return True
+            except OSError:  # gone meanwhile
+                continue
+    return False
+
+
+def test_sigterm_under_boot_from_leaves_nothing(snapshot: Path, tmp_path: Path) -> None:
+    """A restored board takes the Ctrl-C path like a booted one: QEMU and files gone, 143."""
+    monitor = tmp_path / "monitor.sock"
+    proc = subprocess.Popen(
+        [CLI, "boot", "--from", str(snapshot), "--json", "--monitor", str(monitor),
+         "--run", "sleep 60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the JSON starts once the guest is served
+        assert first.startswith("{"), first + proc.stderr.read() if proc.stderr else ""
+        info_lines = [first]
+        while not info_lines[-1].startswith("}"):
+            info_lines.append(proc.stdout.readline())
+        info = json.loads("".join(info_lines))
+        runtime = Path(info["qmp"]).parent
+        assert runtime.is_dir() and monitor.exists()
+        time.sleep(0.5)
+        proc.send_signal(15)
+        assert proc.wait(timeout=60) == 143
+        assert not runtime.exists() and not monitor.exists()
+        gone = time.monotonic() + 10
+        while time.monotonic() < gone and _processes_naming(runtime):
+            time.sleep(0.1)
+        assert time.monotonic() < gone, "QEMU outlived its agent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
