@@ -165,6 +165,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         try:
             super().on_activate()
         except BaseException:
+            self._undo_labgrid_activate()
             self._remove_dir()
             raise
         self._cmd = _console_first(self._cmd)
@@ -395,6 +396,17 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
                 loop.run(agent.agent.close(), 60)
         finally:
             loop.stop()
+
+    def _undo_labgrid_activate(self) -> None:
+        """What QEMUDriver's ``on_activate`` made before our arguments failed: its console
+        socket and temporary directory (its ``on_deactivate`` never runs for a failed one)."""
+        socket_, tempdir = getattr(self, "_socket", None), getattr(self, "_tempdir", None)
+        if socket_ is not None:
+            socket_.close()
+            self._socket = None
+        if tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
+            self._tempdir = None
 
     def _remove_dir(self) -> None:
         if self._cma_cleanup is not None:

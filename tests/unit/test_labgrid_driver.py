@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,16 +43,20 @@ def env_file(tmp_path: Path, driver: str) -> Path:
     ],
 )
 def test_keys_the_board_owns_are_refused_on_activation(
-    tmp_path: Path, keys: str, message: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str, message: str
 ) -> None:
     from labgrid import Environment
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # labgrid's and the driver's dirs
     env = Environment(str(env_file(tmp_path, keys)))
     try:
         target = env.get_target()
         driver = target.get_driver("CmaQemuDriver", activate=False)
         with pytest.raises(EINVAL, match=message):
             target.activate(driver)
-        assert not driver._cma_dir  # its directory is gone again
+        assert not driver._cma_dir
+        assert list(scratch.iterdir()) == []  # labgrid's console dir and the driver's: gone
     finally:
         env.cleanup()
