@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -416,3 +417,50 @@ async def test_attach_finds_the_stub_and_continues_a_vm_a_killed_agent_left_stop
     assert calls == ["query-chardev", "query-status", "cont"] and qmp.running
     assert not stopped_marker(sock).exists()
     await memory.close()
+
+
+_EXITING_CHILD = """
+import asyncio, sys
+from cma_qemu.machine.gdbstub import GdbStubGuestMemory
+
+class Qmp:
+    async def execute(self, cmd, arguments=None, oob=False):
+        assert cmd == "query-status", cmd
+        return {"running": True, "status": "running"}
+
+loop = asyncio.new_event_loop()
+mem = GdbStubGuestMemory(Qmp(), sys.argv[2], sys.argv[1], 0x40000000, 4 << 20, timeout=30)
+task = loop.create_task(mem.write(0x40000000, b"abcd"))
+loop.run_until_complete(asyncio.sleep(0.5))  # the write is now waiting for its reply
+print("mid-write", flush=True)
+sys.exit(0)  # the loop is abandoned with the write pending; what runs at exit must continue
+"""
+
+
+async def test_a_process_exiting_mid_write_continues_the_vm(tmp_path: Path) -> None:
+    """Interpreter exit for real: a child leaves its loop while a write holds the VM stopped.
+
+    At exit the pending write is dropped (its ``except`` sends the continue) and the finalizer
+    runs (it would send it if that had not); without both the VM stays stopped here, as it
+    does in QEMU. The finalizer alone is tested above.
+    """
+    async with machine(tmp_path) as (fake, _mem, _hub):
+        fake.hold_writes.clear()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _EXITING_CHILD,
+            str(fake.sock),
+            str(tmp_path),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 30)
+        assert out == b"mid-write\n" and child.returncode == 0
+        assert not fake.running  # held by the write the child never finished
+        fake.hold_writes.set()
+        for _ in range(100):
+            if fake.running:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.running, "the child's exit left the VM stopped"
+        assert not stopped_marker(fake.sock).exists()
