@@ -37,6 +37,9 @@ __all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
+#: The ChannelServer name of a net channel's listener (its connections own ``guest:net:N``).
+NET_PORT = "net"
+
 Progress = Callable[[str], None]
 
 
@@ -66,7 +69,8 @@ class Agent(AsyncClosing):
         self.channel = channel
         self.monitor = monitor
         self.monitor_path = monitor_path
-        self.port = board.channel.name
+        #: The channel's name in the ChannelServer: the port, or "net" for the net listener.
+        self.port = NET_PORT if board.channel.kind == "net" else board.channel.name
         self._unsubscribe: list[Callable[[], None]] = []
         #: The regions text and allocator the framework was built with (None: the board's).
         self.regions_text: str | None = None
@@ -252,8 +256,12 @@ class Agent(AsyncClosing):
             if record is not None:
                 agent.recording.start(record)
             await monitor.start(monitor_path)
-            channel.add_port(board.channel.name, machine.channel_path, gate=cls._gate(machine))
-            await channel.wait_connected(board.channel.name, timeout=15)
+            if board.channel.kind == "net":
+                # QEMU starts a socat per guest connection that connects here.
+                await channel.add_listener(NET_PORT, machine.channel_path)
+            else:
+                channel.add_port(board.channel.name, machine.channel_path, gate=cls._gate(machine))
+                await channel.wait_connected(board.channel.name, timeout=15)
             agent._follow_events()
         except BaseException:
             await agent._close_serving()
@@ -380,4 +388,5 @@ class Agent(AsyncClosing):
     def chunks_of_guest(self) -> list[Chunk]:
         """The live chunks the guest on this board's channel owns."""
         owner = ChannelServer.owner_for(self.port)
-        return [c for c in self.cma.chunks if c.owner == owner]
+        each = f"{owner}:"  # a net channel's connections: guest:net:1, guest:net:2, ...
+        return [c for c in self.cma.chunks if c.owner == owner or (c.owner or "").startswith(each)]

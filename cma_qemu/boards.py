@@ -8,6 +8,7 @@ channel, and the three attribute strings ``cma_set_defaults`` took.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,12 +31,15 @@ __all__ = [
     "load_board_file",
 ]
 
-ChannelKind = Literal["virtio-serial", "uart"]
+ChannelKind = Literal["virtio-serial", "uart", "net"]
+#: A net channel's name: the TCP address the guest connects to (QEMU's guestfwd takes it).
+_NET_NAME = re.compile(r"tcp:(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
 
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """How the guest stub reaches the agent: a virtio-serial port name or a UART device."""
+    """How the guest stub reaches the agent: a virtio-serial port name, a UART device, or
+    (``net``) the TCP address ``tcp:A.B.C.D:PORT`` the guest's NIC reaches the agent at."""
 
     kind: ChannelKind
     name: str
@@ -254,11 +258,12 @@ def load_board_file(path: Path) -> Board:
         data, "channel", {"kind", "name", "rx_fifo_status", "rx_fifo_size"}
     )
     kind = reader.string(channel_table, "kind", "channel")
-    if kind not in ("virtio-serial", "uart"):
-        raise reader.fail("channel.kind", f"{kind!r}: must be 'virtio-serial' or 'uart'")
+    if kind not in ("virtio-serial", "uart", "net"):
+        raise reader.fail("channel.kind", f"{kind!r}: must be 'virtio-serial', 'uart' or 'net'")
     if kind not in profile.channel_kinds:
         use = " or ".join(map(repr, profile.channel_kinds))
-        raise reader.fail("channel.kind", f"{machine_type} has no virtio bus: use {use}")
+        lacks = "no virtio bus" if kind == "virtio-serial" else f"no {kind} channel"
+        raise reader.fail("channel.kind", f"{machine_type} has {lacks}: use {use}")
     fifo_status = channel_table.get("rx_fifo_status")
     if fifo_status is not None and (
         isinstance(fifo_status, bool) or not isinstance(fifo_status, int)
@@ -269,9 +274,14 @@ def load_board_file(path: Path) -> Board:
         raise reader.fail("channel.rx_fifo_size", "must be an integer from 2 to 4096")
     if fifo_status is not None and kind != "uart":
         raise reader.fail("channel.rx_fifo_status", "only a UART channel has a FIFO")
+    channel_name = reader.string(channel_table, "name", "channel")
+    if kind == "net":
+        match = _NET_NAME.fullmatch(channel_name)
+        if match is None or not 0 < int(match[2]) < 65536:
+            raise reader.fail("channel.name", f"{channel_name!r}: must be tcp:A.B.C.D:PORT")
     channel = ChannelSpec(
         cast(ChannelKind, kind),
-        reader.string(channel_table, "name", "channel"),
+        channel_name,
         fifo_status,
         fifo_size,
     )

@@ -24,7 +24,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include <termios.h>
 #include <time.h>
@@ -616,6 +620,45 @@ static int chan_sync(const char *cmd, int quiet)
 	}
 }
 
+/*
+ * The net channel: "tcp:A.B.C.D:PORT" is a TCP connection (QEMU forwards it to the agent,
+ * one connection per stub, so each stub is a session of its own). Returns the fd or -1.
+ */
+static int chan_connect_tcp(const char *spec)
+{
+	char host[64];
+	const char *colon = strrchr(spec, ':');
+	struct sockaddr_in sa;
+	size_t n;
+	int fd, one = 1;
+
+	if (!colon || colon < spec + 4 || (n = (size_t)(colon - (spec + 4))) >= sizeof(host)) {
+		errno = EINVAL;
+		return -1;
+	}
+	memcpy(host, spec + 4, n);
+	host[n] = '\0';
+	memset(&sa, 0, sizeof(sa));
+	sa.sin_family = AF_INET;
+	sa.sin_port = htons((uint16_t)atoi(colon + 1));
+	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+		errno = EINVAL;
+		return -1;
+	}
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
 static int chan_open(const char *cmd, int quiet)
 {
 	if (chan_fd < 0) {
@@ -624,7 +667,10 @@ static int chan_open(const char *cmd, int quiet)
 				err(cmd, "ENODEV", "no channel (use -d DEVICE or set CMA_CHANNEL)");
 			return -1;
 		}
-		chan_fd = open(channel_path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (strncmp(channel_path, "tcp:", 4) == 0)
+			chan_fd = chan_connect_tcp(channel_path);
+		else
+			chan_fd = open(channel_path, O_RDWR | O_NOCTTY | O_CLOEXEC);
 		if (chan_fd < 0) {
 			if (!quiet)
 				err(cmd, "ENODEV", "%s: %s", channel_path, strerror(errno));

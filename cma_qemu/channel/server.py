@@ -1,5 +1,10 @@
 """Guest ports: connect to QEMU's chardev sockets, keep each guest's session, reset on demand.
 
+A net channel turns this around (:meth:`ChannelServer.add_listener`): QEMU's user network
+starts one ``socat`` per guest TCP connection, each connects to the agent's unix socket, and
+each connection is a session of its own, released when it closes (a SIGKILLed stub's
+connection closes too, so its chunks come back).
+
 QEMU is the socket server (``-chardev socket,path=...,server=on,wait=off``), so the agent is a
 client that retries until the socket is there and reconnects when it drops. A dropped socket
 does not mean the guest went away; only :meth:`ChannelServer.reset` (the machine layer calls
@@ -40,6 +45,17 @@ class _Port:
     gate: FifoGate | None = None
 
 
+@dataclass
+class _Listener:
+    name: str
+    path: str
+    server: asyncio.AbstractServer
+    #: Live connections' sessions by connection number (1, 2, ...).
+    sessions: dict[int, GuestSession] = field(default_factory=dict)
+    accepted: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 class ChannelServer(AsyncClosing):
     """The guest sessions of one machine, one per channel port.
 
@@ -60,6 +76,7 @@ class ChannelServer(AsyncClosing):
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
         self._ports: dict[str, _Port] = {}
+        self._listeners: dict[str, _Listener] = {}
 
     @staticmethod
     def owner_for(port: str) -> str:
@@ -68,8 +85,66 @@ class ChannelServer(AsyncClosing):
 
     @property
     def ports(self) -> list[str]:
-        """Names of the ports being served."""
-        return list(self._ports)
+        """Names of the ports (and listeners) being served."""
+        return [*self._ports, *self._listeners]
+
+    async def add_listener(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Listen on a unix socket at ``path``; every connection is a session of its own.
+
+        Connection N's chunks belong to ``"guest:<name>:N"`` and are released when it closes.
+        Cost: one bind; each connection a task.
+        """
+        if name in self._ports or name in self._listeners:
+            raise EADDRINUSE(f"guest channel port {name!r} is already served")
+        spath = os.fspath(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spath)
+        entry: _Listener | None = None
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            assert entry is not None
+            task = asyncio.current_task()
+            if task is not None:
+                entry.tasks.add(task)
+            await self._serve_connection(entry, reader, writer)
+
+        try:
+            server = await asyncio.start_unix_server(accept, spath)
+        except OSError as err:
+            raise EADDRINUSE(f"cannot listen on {spath}: {err}", where=name) from None
+        entry = _Listener(name, spath, server)
+        self._listeners[name] = entry
+
+    def connections(self, name: str) -> dict[str, GuestSession]:
+        """The live sessions of listener ``name`` by owner (ENOENT if there is none)."""
+        entry = self._listeners.get(name)
+        if entry is None:
+            raise ENOENT(f"no guest channel listener {name!r}")
+        return {s.owner: s for s in entry.sessions.values()}
+
+    async def _serve_connection(
+        self, entry: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        entry.accepted += 1
+        number = entry.accepted
+        session = GuestSession(self.cma, f"{self.owner_for(entry.name)}:{number}")
+        entry.sessions[number] = session
+        log.info("listener %s: connection %d", entry.name, number)
+        try:
+            await session.serve(reader, writer)
+        except (ConnectionError, OSError) as err:
+            log.info("listener %s: connection %d lost: %s", entry.name, number, err)
+        finally:
+            entry.sessions.pop(number, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            chunks = session.reset()
+            if chunks and self.on_reset is not None:  # a clean exit freed its own chunks
+                try:
+                    self.on_reset(session.owner.removeprefix("guest:"), "port-closed", chunks)
+                except Exception:
+                    log.exception("reset hook failed for %s", session.owner)
 
     def session(self, port: str) -> GuestSession:
         """The session of ``port`` (ENOENT if there is no such port)."""
@@ -95,6 +170,8 @@ class ChannelServer(AsyncClosing):
 
     async def wait_connected(self, port: str, timeout: float | None = None) -> None:
         """Wait until ``port``'s socket is connected (ETIMEDOUT after ``timeout`` seconds)."""
+        if port in self._listeners:
+            return  # listening from add_listener on; guests connect when they need to
         entry = self._ports.get(port)
         if entry is None:
             raise ENOENT(f"no guest channel port {port!r}")
@@ -105,6 +182,8 @@ class ChannelServer(AsyncClosing):
 
     def is_connected(self, port: str) -> bool:
         """Whether ``port``'s socket is connected now."""
+        if port in self._listeners:
+            return True
         entry = self._ports.get(port)
         return entry is not None and entry.connected.is_set()
 
@@ -112,6 +191,18 @@ class ChannelServer(AsyncClosing):
         """Release the chunks of one guest port, or of all ports (None), and report it."""
         names = list(self._ports) if port is None else [port]
         released: list[Chunk] = []
+        for listener in self._listeners.values():
+            if port is None or port == listener.name:
+                for session in list(listener.sessions.values()):
+                    chunks = session.reset()
+                    released.extend(chunks)
+                    if self.on_reset is not None:
+                        try:
+                            self.on_reset(session.owner.removeprefix("guest:"), reason, chunks)
+                        except Exception:
+                            log.exception("reset hook failed for %s", session.owner)
+        if port is not None and port in self._listeners:
+            return released
         for name in names:
             chunks = self.session(name).reset()
             released.extend(chunks)
@@ -142,6 +233,19 @@ class ChannelServer(AsyncClosing):
         self._ports.clear()
         for entry in ports:
             await self._stop(entry)
+        listeners = list(self._listeners.values())
+        self._listeners.clear()
+        for listener in listeners:
+            listener.server.close()
+            for task in list(listener.tasks):
+                task.cancel()
+            for task in list(listener.tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            with contextlib.suppress(Exception):
+                await listener.server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listener.path)
 
     @staticmethod
     async def _stop(entry: _Port) -> None:

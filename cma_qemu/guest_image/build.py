@@ -54,7 +54,9 @@ FLAVOURS: Mapping[str, str | None] = {
 }
 
 #: Modules the initramfs loads (with what they depend on), when the kernel has them as modules.
-GUEST_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_console")
+#: smsc911x and its PHY driver smsc (libphy comes as their dependency): the net channel over
+#: smdkc210's LAN9215; they stay idle on boards without one.
+GUEST_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_console", "smsc911x", "smsc")
 
 #: Flags of the stub's cross-compilation; guest/Makefile uses the same.
 STUB_CFLAGS: tuple[str, ...] = ("-std=gnu11", "-static", "-O2", "-Wall", "-Wextra", "-Werror")
@@ -216,6 +218,23 @@ def _fetch_package(
     return final
 
 
+#: The GUEST_MODULES a kept kernel package's modules/ was collected for.
+_WANTED = "wanted"
+
+
+def _wanted_modules() -> str:
+    return "".join(f"{m}\n" for m in GUEST_MODULES)
+
+
+def _forget_stale_modules(kdir: Path) -> None:
+    """A kernel package kept for another GUEST_MODULES list is extracted again (O(1))."""
+    wanted = kdir / "modules" / _WANTED
+    if (kdir / _COMPLETE).is_file() and (
+        not wanted.is_file() or wanted.read_text() != _wanted_modules()
+    ):
+        (kdir / _COMPLETE).unlink()
+
+
 def _keep_kernel(flavour: str, release: str) -> Callable[[Path, Path], None]:
     def keep(root: Path, out: Path) -> None:
         vmlinuz = root / "boot" / f"vmlinuz-{release}"
@@ -237,6 +256,7 @@ def _keep_kernel(flavour: str, release: str) -> Callable[[Path, Path], None]:
             raise ENOENT(f"no lib/modules/{release} in the kernel package", where="guest build")
         order = collect_modules(moddir, GUEST_MODULES, out / "modules")
         (out / "modules" / "load-order").write_text("".join(f"{m}\n" for m in order))
+        (out / "modules" / _WANTED).write_text(_wanted_modules())
         dtb_name = FLAVOURS[flavour]
         if dtb_name:
             found = sorted(root.glob(f"usr/lib/linux-image-*/**/{dtb_name}"))
@@ -372,6 +392,7 @@ def build_guest(
         manifest = outdir / _MANIFEST
 
         kdir = cache / "packages" / kpkg.dirname
+        _forget_stale_modules(kdir)
         order_file = kdir / "modules" / "load-order"
         if order_file.is_file():
             modules = [*order_file.read_text().split(), *kmod.guest_kmod_names(src)]

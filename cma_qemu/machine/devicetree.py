@@ -39,6 +39,7 @@ from cma_qemu.errors import EADDRINUSE, EINVAL, EIO, ENODEV
 __all__ = [
     "RESERVED_MEMORY",
     "Reservation",
+    "add_lan9118",
     "add_reserved_memory",
     "drop_uart_dma",
     "dump_qemu_dtb",
@@ -239,6 +240,59 @@ def drop_uart_dma(dtb: bytes, index: int) -> bytes:
     for name in ("dmas", "dma-names"):
         if node.exist_property(name):
             node.remove_property(name)
+    out: bytes = tree.to_dtb(version=17)
+    return out
+
+
+#: Where QEMU's smdkc210 maps its LAN9215 (``lan9118``, 16-bit) and the GPIO bank whose pin 5
+#: is its (inverted) interrupt, external interrupt 5 = GIC SPI 21.
+LAN9118_NODE = "/soc/ethernet@5000000"
+_LAN9118_BASE = 0x05000000
+_GPX0 = "/soc/pinctrl@11000000/gpx0-gpio-bank"
+_IRQ_TYPE_LEVEL_LOW = 8
+
+
+def add_lan9118(dtb: bytes, mac: bytes = bytes.fromhex("525400123456")) -> bytes:
+    """``dtb`` (Exynos4210) with a node for QEMU's LAN9215, which its tree lacks.
+
+    Add it only when QEMU has a ``-nic``: without one the driver's probe fails ("Device not
+    READY in 100ms"). The interrupt is level-low on ``gpx0`` pin 5 (push-pull, not
+    ``smsc,irq-active-high``), as QEMU's smdkc210 wires it; the bank gets a phandle for it.
+    """
+    try:
+        tree = fdt.parse_dtb(dtb)
+    except Exception as exc:  # the fdt package raises bare Exceptions on bad blobs
+        raise EINVAL(f"not a valid DTB: {exc}", where="device tree") from exc
+    if not tree.exist_node(_GPX0):
+        raise ENODEV(f"the device tree has no {_GPX0}", where="device tree")
+    if tree.exist_node(LAN9118_NODE):
+        raise EADDRINUSE(f"the device tree already has {LAN9118_NODE}", where="device tree")
+    gpx0 = tree.get_node(_GPX0)
+    phandle_prop = gpx0.get_property("phandle")
+    if phandle_prop is None:
+        used = [
+            int(node.get_property("phandle").value)
+            for _path, nodes, _props in tree.walk()
+            for node in nodes
+            if node.exist_property("phandle")
+        ]
+        root_phandle = tree.root.get_property("phandle")
+        if root_phandle is not None:
+            used.append(int(root_phandle.value))
+        phandle = max(used, default=0) + 1
+        gpx0.set_property("phandle", phandle)
+    else:
+        phandle = int(phandle_prop.value)
+    node = fdt.Node("ethernet@5000000")
+    node.append(fdt.PropStrings("compatible", "smsc,lan9115"))
+    node.append(fdt.PropWords("reg", _LAN9118_BASE, 0x10000))
+    node.append(fdt.PropWords("interrupt-parent", phandle))
+    node.append(fdt.PropWords("interrupts", 5, _IRQ_TYPE_LEVEL_LOW))
+    node.append(fdt.PropWords("reg-io-width", 2))
+    node.append(fdt.Property("smsc,irq-push-pull"))
+    node.append(fdt.PropStrings("phy-mode", "mii"))
+    node.append(fdt.PropBytes("local-mac-address", data=list(mac)))
+    tree.get_node("/soc").append(node)
     out: bytes = tree.to_dtb(version=17)
     return out
 

@@ -67,6 +67,7 @@ from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.devicetree import (
     Reservation,
+    add_lan9118,
     add_reserved_memory,
     drop_uart_dma,
     dump_qemu_dtb,
@@ -222,7 +223,23 @@ def channel_args(board: BoardLike, socket_path: Path) -> list[str]:
         ]
     if board.channel.kind == "uart":
         return ["-chardev", chardev, "-serial", f"chardev:{CHANNEL_CHARDEV}"]
+    if board.channel.kind == "net":
+        return net_channel_args(board.channel.name, socket_path)
     raise EINVAL(f"unknown channel kind {board.channel.kind!r}", where="board")
+
+
+def net_channel_args(address: str, socket_path: Path, socat: str = "socat") -> list[str]:
+    """The board's NIC on QEMU's user network, ``address`` (``tcp:A.B.C.D:PORT``) forwarded.
+
+    ``guestfwd=...-cmd:`` starts one ``socat`` per guest connection, joined to the agent's
+    unix socket at ``socket_path`` (the agent listens there), so every connection and its
+    close reach the agent; ``-chardev`` would share one stream and never show a close.
+    """
+    path = str(socket_path)
+    if "," in path or " " in path:
+        raise EINVAL(f"the channel socket path {path!r} has a comma or a space", where="board")
+    forward = f"guestfwd={address}-cmd:{socat} - UNIX-CONNECT:{path}"
+    return ["-nic", f"user,model=lan9118,restrict=on,ipv6=off,{forward}"]
 
 
 def qemu_command(
@@ -300,6 +317,8 @@ def write_patched_dtb(
         dtb = drop_uart_dma(dtb, _uart_index(f"/dev/{profile.console}"))
         if board.channel.kind == "uart":
             dtb = drop_uart_dma(dtb, _uart_index(board.channel.name))
+    if board.channel.kind == "net":
+        dtb = add_lan9118(dtb)
     patched = add_reserved_memory(dtb, reservations, compatible=compatible)
     loaded = loader_ranges(
         board.machine_type,

@@ -94,7 +94,8 @@ PROFILES: Mapping[str, MachineProfile] = MappingProxyType(
             # QEMU 7.2's Exynos UART loses a receive FIFO filled to 64 bytes.
             console_fifo_status=_EXYNOS_UART0_UFSTAT,
             console_burst=16,
-            channel_kinds=("uart",),
+            # net: the LAN9215 (QEMU's lan9118) at 0x05000000 (see machine/devicetree.py)
+            channel_kinds=("uart", "net"),
             contiguous_ram=False,
             gdbstub_writes=True,
         ),

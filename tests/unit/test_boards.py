@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def _shipped_boards_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_all_shipped_boards_load() -> None:
     boards = list_boards()
-    assert [b.name for b in boards] == ["aquila", "goni", "smdkc210", "virt"]
+    assert [b.name for b in boards] == ["aquila", "goni", "smdkc210", "smdkc210-net", "virt"]
     for board in boards:
         assert isinstance(board, Board)
         assert board.path.name == f"{board.name}.toml"
@@ -84,7 +85,10 @@ def test_load_by_path() -> None:
 def test_unknown_board_lists_known_ones() -> None:
     with pytest.raises(ENOENT) as info:
         load_board("nosuch")
-    assert str(info.value) == "no board named 'nosuch' (known: aquila, goni, smdkc210, virt)"
+    assert (
+        str(info.value)
+        == "no board named 'nosuch' (known: aquila, goni, smdkc210, smdkc210-net, virt)"
+    )
 
 
 # ------------------------------------------------------------------------------ bad files
@@ -138,7 +142,14 @@ def test_good_template_loads(boards_dir: Path) -> None:
     board = load_board("test")
     assert board.ram_size == 384 * M and board.asterisk == "a,b"
     assert board.path == boards_dir / "test.toml"
-    assert [b.name for b in list_boards()] == ["aquila", "goni", "smdkc210", "test", "virt"]
+    assert [b.name for b in list_boards()] == [
+        "aquila",
+        "goni",
+        "smdkc210",
+        "smdkc210-net",
+        "test",
+        "virt",
+    ]
 
 
 def test_env_dir_wins_over_shipped(boards_dir: Path) -> None:
@@ -149,7 +160,7 @@ def test_env_dir_wins_over_shipped(boards_dir: Path) -> None:
 
 def test_unknown_board_lists_env_boards(boards_dir: Path) -> None:
     write(boards_dir, GOOD, "mine")
-    with pytest.raises(ENOENT, match=r"known: aquila, goni, mine, smdkc210, virt"):
+    with pytest.raises(ENOENT, match=r"known: aquila, goni, mine, smdkc210, smdkc210-net, virt"):
         load_board("nosuch")
 
 
@@ -318,6 +329,28 @@ def test_uart_required_on_smdkc210(boards_dir: Path) -> None:
     board = load_board("test")
     assert board.channel.kind == "uart" and board.memory_access == "pmemsave"
     assert board.kernel_flavour == "armmp-lpae"
+
+
+def test_net_channel(boards_dir: Path) -> None:
+    text = replace('type = "virt"', 'type = "smdkc210"').replace(
+        "base = 0x50000000", "base = 0x60000000"
+    )
+    net = text.replace('kind = "virtio-serial"', 'kind = "net"')
+    write(boards_dir, net)  # the name is a virtio port name, not an address
+    with pytest.raises(EINVAL, match=r"channel\.name: .*must be tcp:A\.B\.C\.D:PORT"):
+        load_board("test")
+    name = re.search(r'^name = "([^"]*)"$', net[net.index("[channel]") :], re.M)
+    assert name is not None
+    for bad in ("tcp:10.0.2.100", "tcp:10.0.2.100:0", "tcp:10.0.2.100:70000", "udp:1.2.3.4:5"):
+        write(boards_dir, net.replace(f'"{name[1]}"', f'"{bad}"'))
+        with pytest.raises(EINVAL, match=r"channel\.name"):
+            load_board("test")
+    write(boards_dir, net.replace(f'"{name[1]}"', '"tcp:10.0.2.100:1234"'))
+    assert load_board("test").channel.kind == "net"
+    on_virt = replace('kind = "virtio-serial"', 'kind = "net"')
+    write(boards_dir, on_virt.replace(f'"{name[1]}"', '"tcp:10.0.2.100:1234"'))
+    with pytest.raises(EINVAL, match=r"channel\.kind: virt has no net channel"):
+        load_board("test")
 
 
 def test_optional_keys_default(boards_dir: Path) -> None:

@@ -249,7 +249,7 @@ def test_read_modinfo_and_collect(tmp_path: Path) -> None:
         "virtio_ring,virtio"
     ]
     out = tmp_path / "out"
-    order = gi.collect_modules(moddir.parent, gi.GUEST_MODULES, out)
+    order = gi.collect_modules(moddir.parent, ("virtio_mmio", "virtio_console"), out)
     assert order == ["virtio_mmio", "virtio", "virtio_ring", "virtio_console"]
     assert (out / "virtio_ring.ko").read_bytes()[:4] == b"\x7fELF"
 
@@ -300,8 +300,13 @@ class FakeHost:
                 mods.mkdir(parents=True)
                 (mods / "virtio_mmio.ko").write_bytes(b"mmio")
                 (mods / "virtio_console.ko").write_bytes(b"console")
+                for name in ("libphy", "smsc911x", "smsc"):
+                    (mods / f"{name}.ko").write_bytes(name.encode())
                 (root / "lib/modules" / rel / "modules.dep").write_text(
                     "kernel/drivers/virtio_mmio.ko:\nkernel/drivers/virtio_console.ko:\n"
+                    "kernel/drivers/libphy.ko:\n"
+                    "kernel/drivers/smsc911x.ko: kernel/drivers/libphy.ko\n"
+                    "kernel/drivers/smsc.ko: kernel/drivers/libphy.ko\n"
                 )
             return _completed(argv)
         if tool == gi.CROSS_CC:
@@ -329,11 +334,12 @@ def test_build_caches_and_rebuilds_only_what_changed(
     host, src, cache = fake_build
     msgs: list[str] = []
     img = gi.build_guest("armmp-lpae", cache, msgs.append)
-    assert img.dtb is None and img.modules == ("virtio_mmio", "virtio_console")
+    modules = ("virtio_mmio", "virtio_console", "libphy", "smsc911x", "smsc")
+    assert img.dtb is None and img.modules == modules
     assert img.kernel.read_bytes().startswith(b"kernel linux-image-6.1.0-50-armmp-lpae_")
     entries = {n: d for n, _, d in gi.read_cpio(gzip.decompress(img.initrd.read_bytes()))}
     assert entries["bin/cma-test"].startswith(b"stub int main")
-    assert entries["lib/modules/load-order"] == b"virtio_mmio\nvirtio_console\n"
+    assert entries["lib/modules/load-order"] == "".join(f"{m}\n" for m in modules).encode()
     assert gi.find_guest("armmp-lpae", cache) == img
     assert sum(c.startswith("apt-get") for c in host.calls) == 2
 
@@ -410,3 +416,18 @@ def test_stub_compiles_warning_free_with_cross_gcc() -> None:
         [gi.CROSS_CC, *gi.STUB_CFLAGS, "-fsyntax-only", str(STUB)], capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_changed_module_list_extracts_the_kernel_again(
+    fake_build: tuple[FakeHost, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, _src, cache = fake_build
+    gi.build_guest("armmp-lpae", cache)
+    host.calls.clear()
+    monkeypatch.setattr(build, "GUEST_MODULES", ("virtio_mmio", "virtio_console"))
+    img = gi.build_guest("armmp-lpae", cache)
+    assert img.modules == ("virtio_mmio", "virtio_console")
+    assert sum(c.startswith("apt-get") for c in host.calls) == 1  # the kernel, not busybox
+    host.calls.clear()
+    assert gi.build_guest("armmp-lpae", cache) == img
+    assert not any(c.startswith("apt-get") for c in host.calls)
