@@ -20,6 +20,7 @@ APT_PACKAGES=(
     libc6-dev-armhf-cross      # static libc for the stub
     device-tree-compiler       # dtc: tests read back the patched device tree
     cpio                       # initramfs tooling (inspection)
+    socat                      # the net channel: QEMU's guestfwd runs one per guest connection
     make                       # the guest kernel module build (kbuild from Debian headers)
     python3-venv               # the .venv
     openssh-server             # sshd: the labgrid farm test reaches its "host" over ssh (own port)

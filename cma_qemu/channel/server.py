@@ -106,7 +106,9 @@ class ChannelServer(AsyncClosing):
             task = asyncio.current_task()
             if task is not None:
                 entry.tasks.add(task)
-            await self._serve_connection(entry, reader, writer)
+            # close() cancels this; end normally, or asyncio's server logs the cancellation
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serve_connection(entry, reader, writer)
 
         try:
             server = await asyncio.start_unix_server(accept, spath)

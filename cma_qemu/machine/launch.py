@@ -62,7 +62,7 @@ import pexpect
 from qemu.qmp import QMPClient, QMPError
 
 from cma_qemu.closing import AsyncClosing
-from cma_qemu.errors import EINVAL, EIO, ENODEV, CmaError
+from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT, CmaError
 from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.devicetree import (
@@ -235,6 +235,8 @@ def net_channel_args(address: str, socket_path: Path, socat: str = "socat") -> l
     unix socket at ``socket_path`` (the agent listens there), so every connection and its
     close reach the agent; ``-chardev`` would share one stream and never show a close.
     """
+    if shutil.which(socat) is None:
+        raise ENOENT(f"{socat} is not installed (the net channel needs it)", where="board")
     path = str(socket_path)
     if "," in path or " " in path:
         raise EINVAL(f"the channel socket path {path!r} has a comma or a space", where="board")

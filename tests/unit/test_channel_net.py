@@ -135,6 +135,11 @@ def test_net_argv() -> None:
     ]
 
 
+def test_net_argv_needs_socat() -> None:
+    with pytest.raises(ENOENT, match="nosuch-socat is not installed"):
+        net_channel_args("tcp:10.0.2.100:1234", Path("/tmp/x.sock"), socat="nosuch-socat")
+
+
 @given(st.text(alphabet=st.sampled_from("/ab,c "), min_size=1, max_size=12))
 @settings(max_examples=60)
 def test_net_argv_refuses_what_qemu_would_split(path: str) -> None:
