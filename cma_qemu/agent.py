@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cma_qemu.boards import Board
 from cma_qemu.channel import ChannelServer, FifoGate
+from cma_qemu.channel.session import KERNEL_SUFFIX
 from cma_qemu.closing import AsyncClosing
 from cma_qemu.configuration import build_cma
 from cma_qemu.errors import ENODEV
@@ -386,7 +387,8 @@ class Agent(AsyncClosing):
         return self.shell.stub(timeout)
 
     def chunks_of_guest(self) -> list[Chunk]:
-        """The live chunks the guest on this board's channel owns."""
+        """The live chunks the guest on this board's channel owns (its kernel code's too)."""
         owner = ChannelServer.owner_for(self.port)
+        mine = (owner, owner + KERNEL_SUFFIX)
         each = f"{owner}:"  # a net channel's connections: guest:net:1, guest:net:2, ...
-        return [c for c in self.cma.chunks if c.owner == owner or (c.owner or "").startswith(each)]
+        return [c for c in self.cma.chunks if c.owner in mine or (c.owner or "").startswith(each)]

@@ -70,6 +70,8 @@ static int chan_fd = -1;
 static int chan_synced;
 static int timeout_ms = 10000;
 static uint64_t next_req_id = 1;
+/* The request envelope's "owner" member (docs/protocol.md): set under -k, else none. */
+static const char *owner_member = "";
 
 static char rbuf[MAX_REPLY + 1];
 static size_t rlen;
@@ -713,10 +715,11 @@ static int request(const char *cmd, const char *execute, const char *args, struc
 		return -1;
 	id = next_req_id++;
 	if (args)
-		len = snprintf(req, sizeof(req), "{\"execute\":\"%s\",\"arguments\":%s,\"id\":%" PRIu64 "}\n",
-			       execute, args, id);
+		len = snprintf(req, sizeof(req), "{\"execute\":\"%s\",\"arguments\":%s,\"id\":%" PRIu64 "%s}\n",
+			       execute, args, id, owner_member);
 	else
-		len = snprintf(req, sizeof(req), "{\"execute\":\"%s\",\"id\":%" PRIu64 "}\n", execute, id);
+		len = snprintf(req, sizeof(req), "{\"execute\":\"%s\",\"id\":%" PRIu64 "%s}\n", execute, id,
+			       owner_member);
 	if (len < 0 || (size_t)len >= sizeof(req)) {
 		if (!quiet)
 			err(cmd, "EINVAL", "request too long");
@@ -1455,6 +1458,7 @@ static int serve_kernel(void)
 		    strerror(errno), errno == ENOENT ? " (is the cma_guest module loaded?)" : "");
 		return 1;
 	}
+	owner_member = ",\"owner\":\"kernel\"";   /* the chunks are the guest kernel's */
 	if (chan_open("kernel", 0))
 		return 1;
 	/* the ready line: a daemon that holds both ends (tests and scripts wait for it) */

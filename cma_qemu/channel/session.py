@@ -29,6 +29,8 @@ from cma_qemu.wire.messages import (
 )
 
 __all__ = [
+    "KERNEL",
+    "KERNEL_SUFFIX",
     "READ_SIZE",
     "FifoGate",
     "GuestSession",
@@ -36,8 +38,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The request ``"owner"`` a guest daemon sends for kernel callers (cma_guest.ko's users).
+KERNEL: Final = "kernel"
+
+#: What ``"owner": "kernel"`` requests' chunks are recorded as: the port's owner plus this.
+KERNEL_SUFFIX: Final = "/" + KERNEL
+
 #: How much one read takes from the stream; big enough for a burst of pipelined requests.
 READ_SIZE: Final = 64 * 1024
+
+_OWNERS: Final = frozenset({KERNEL})
 
 _OVERSIZED_REPLY: Final = encode_error(
     "GenericError", f"request line longer than {MAX_LINE} bytes: discarded up to the next newline"
@@ -139,11 +149,16 @@ class GuestSession:
 
     ``owner`` is what the framework records on this guest's chunks; it is how ownership is
     checked (a guest can only free, get or put its own chunks) and what a reset releases.
+    A request with ``"owner": "kernel"`` (the daemon of the guest's kernel module) acts as
+    :attr:`kernel_owner` instead, ``owner + "/kernel"``: kernel code and user space on one
+    port cannot free each other's chunks, inspection shows which is which, and a reset
+    releases both.
     """
 
     def __init__(self, cma: Cma, owner: str) -> None:
         self.cma = cma
         self.owner = owner
+        self.kernel_owner = owner + KERNEL_SUFFIX
         self.splitter = LineSplitter(MAX_LINE)
         #: Requests answered since creation (cheap liveness / test hook).
         self.requests = 0
@@ -154,7 +169,7 @@ class GuestSession:
             return b""
         self.requests += 1
         try:
-            request = parse_request(line, id_ok=guest_id_ok)
+            request = parse_request(line, id_ok=guest_id_ok, owners=_OWNERS)
         except RequestError as err:
             return encode_error(err, str(err), err.request_id, err.has_id)
         handler = GUEST_COMMANDS.get(request.execute)
@@ -165,8 +180,9 @@ class GuestSession:
                 request.id,
                 request.has_id,
             )
+        owner = self.kernel_owner if request.owner == KERNEL else self.owner
         try:
-            value = handler(self.cma, self.owner, Arguments(request.arguments))
+            value = handler(self.cma, owner, Arguments(request.arguments))
         except GenericError as err:  # the request itself is malformed: say which command
             return encode_error(err, f"{request.execute}: {err}", request.id, request.has_id)
         except CmaError as err:
@@ -174,7 +190,7 @@ class GuestSession:
             # `CMD: CLASS: desc`, exactly what `cma-qemu replay` prints for the same line.
             return encode_error(err, str(err), request.id, request.has_id)
         except Exception as err:  # a framework bug must not take the guest's session down
-            log.exception("guest %s: %s failed", self.owner, request.execute)
+            log.exception("guest %s: %s failed", owner, request.execute)
             return encode_error(
                 EIO(str(err)),
                 f"{request.execute}: internal error: {type(err).__name__}: {err}",
@@ -217,11 +233,14 @@ class GuestSession:
                 await gate.write(writer, replies)
 
     def reset(self) -> list[Chunk]:
-        """Give back every chunk of this guest and forget its partial input."""
+        """Give back every chunk of this guest, user space's and kernel code's, and forget its
+        partial input. Cost: two passes over the live chunks, O(c log c)."""
         self.splitter.reset()
-        return self.cma.release_owner(self.owner)
+        released = self.cma.release_owner(self.owner) + self.cma.release_owner(self.kernel_owner)
+        return sorted(released, key=lambda c: c.start)
 
     @property
     def chunks(self) -> list[Chunk]:
-        """This guest's live chunks in address order."""
-        return [c for c in self.cma.chunks if c.owner == self.owner]
+        """This guest's live chunks (user space's and kernel code's) in address order."""
+        mine = (self.owner, self.kernel_owner)
+        return [c for c in self.cma.chunks if c.owner in mine]

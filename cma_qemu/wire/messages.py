@@ -14,6 +14,7 @@ from typing import Final
 from cma_qemu.errors import CmaError, GenericError
 
 __all__ = [
+    "OWNER_MEMBER",
     "Request",
     "RequestError",
     "describe_value",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 _ENVELOPE: Final = frozenset({"execute", "arguments", "id"})
+#: The envelope member that names who, on the sender's side, a request is for (guest only).
+OWNER_MEMBER: Final = "owner"
 _MAX_ID_STRING: Final = 256
 _ID_MIN: Final = -(2**63)
 _ID_MAX: Final = 2**64 - 1
@@ -40,12 +43,17 @@ class RequestError(GenericError):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One decoded request; ``has_id`` tells an absent id from ``"id": null``."""
+    """One decoded request; ``has_id`` tells an absent id from ``"id": null``.
+
+    ``owner`` is the envelope's optional ``"owner"`` member (None when absent): a guest
+    daemon names the kernel code it serves with it, so those chunks are told apart.
+    """
 
     execute: str
     arguments: dict[str, object] = field(default_factory=dict)
     id: object = None
     has_id: bool = False
+    owner: str | None = None
 
 
 class _DuplicateKey(ValueError):
@@ -112,11 +120,17 @@ def _decode(line: bytes) -> object:
         raise RequestError(f"invalid JSON: {err}") from None
 
 
-def parse_request(line: bytes, *, id_ok: Callable[[object], bool] | None = None) -> Request:
+def parse_request(
+    line: bytes,
+    *,
+    id_ok: Callable[[object], bool] | None = None,
+    owners: frozenset[str] = frozenset(),
+) -> Request:
     """Decode one line into a :class:`Request` or raise :class:`RequestError`.
 
     ``id_ok`` restricts the ids that are accepted (and therefore echoed); None accepts any
-    JSON value, as QMP does.
+    JSON value, as QMP does. ``owners`` are the values the ``"owner"`` member may take; when
+    empty (QMP) the member is rejected like any other unknown one.
     """
     message = _decode(line)
     if not isinstance(message, dict):
@@ -129,7 +143,7 @@ def parse_request(line: bytes, *, id_ok: Callable[[object], bool] | None = None)
             f"characters, got {describe_value(request_id)}"
         )
     for key in message:
-        if key not in _ENVELOPE:
+        if key not in _ENVELOPE and not (owners and key == OWNER_MEMBER):
             raise RequestError(
                 f"member {key[:64]!r} is unexpected",
                 request_id=request_id,
@@ -151,7 +165,18 @@ def parse_request(line: bytes, *, id_ok: Callable[[object], bool] | None = None)
             request_id=request_id,
             has_id=has_id,
         )
-    return Request(execute, arguments, request_id, has_id)
+    owner: str | None = None
+    if OWNER_MEMBER in message:
+        value = message[OWNER_MEMBER]
+        if not (isinstance(value, str) and value in owners):
+            raise RequestError(
+                f"{execute}: member 'owner' must be one of {', '.join(sorted(owners))}, "
+                f"got {describe_value(value)}",
+                request_id=request_id,
+                has_id=has_id,
+            )
+        owner = value
+    return Request(execute, arguments, request_id, has_id, owner)
 
 
 _dumps: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
