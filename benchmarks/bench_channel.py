@@ -9,7 +9,8 @@ percentiles, the ratio is bench p50 / ping p50. The agent's own cost per request
 framework, encode; no I/O) is timed in-process too, to show which part is ours. From the
 repository root:
 
-    .venv/bin/python benchmarks/bench_channel.py                 # virt and smdkc210
+    .venv/bin/python benchmarks/bench_channel.py                 # every board below
+    .venv/bin/python benchmarks/bench_channel.py --boards smdkc210 smdkc210-net  # UART vs net
     .venv/bin/python benchmarks/bench_channel.py --boards virt --n 5000 --rounds 7
 """
 
@@ -34,10 +35,16 @@ from rich.console import Console
 from rich.table import Table
 
 GOAL = 1.3
+#: smdkc210's net channel: its ping p50 at most this fraction of the UART's, in the same run.
+NET_GOAL = 1 / 3
 #: board -> (DEV[/KIND] for ``bench``, default N, default rounds). The smdkc210 UART loses a
 #: reply now and then, and the stub ends a ``bench`` at its first failed request, so there
 #: the commands are short and many.
-BOARDS = {"virt": ("vpu/dec", 2000, 5), "smdkc210": ("s5p-mfc/a", 50, 12)}
+BOARDS = {
+    "virt": ("vpu/dec", 2000, 5),
+    "smdkc210": ("s5p-mfc/a", 50, 12),
+    "smdkc210-net": ("s5p-mfc/a", 200, 12),  # the LAN9215: one TCP connection per stub
+}
 SIZE = "1M"
 LINE = re.compile(r"^(ping|bench): n=(\d+) p50=(\d+)us p99=(\d+)us$", re.MULTILINE)
 
@@ -258,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{r.board}: [red]failed[/red] {failure}")
         if r.leaked:
             console.print(f"{r.board}: {r.leaked} chunk(s) left allocated (replies lost)")
+    by_name = {r.board: r for r in results}
+    if "smdkc210" in by_name and "smdkc210-net" in by_name:
+        net = by_name["smdkc210-net"].p50("ping") / by_name["smdkc210"].p50("ping")
+        verdict = "[green]met[/green]" if net <= NET_GOAL else "[red]MISSED[/red]"
+        console.print(
+            f"smdkc210: net ping p50 / UART ping p50 = {net:.2f} (goal <= 1/3: {verdict})"
+        )
     return 0
 
 
