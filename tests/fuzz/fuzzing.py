@@ -79,32 +79,39 @@ class HangError(AssertionError):
 
 
 @contextlib.contextmanager
-def no_hang(seconds: float | None = None) -> Iterator[None]:
-    """Fail the example if the block has not finished after ``seconds`` (SIGALRM).
+def no_hang(cpu_seconds: float = 60.0, wall_seconds: float = 900.0) -> Iterator[None]:
+    """Fail the case if the block spins for ``cpu_seconds`` of CPU or blocks for ``wall_seconds``.
 
-    Hypothesis' deadline only measures an example that ends; this one interrupts one that
-    never would. Main thread only, which is where pytest runs tests. The default, 60 s, is
-    far above any case's time even on a starved machine. Guards nest: an inner one puts the
-    outer one's timer back.
+    Hypothesis' deadline only measures a case that ends; this interrupts one that never
+    would. A loop burns CPU, so CPU time (SIGVTALRM) catches it whatever the machine's load:
+    a niced run on a shared machine can be starved of CPU for a minute, which wall time would
+    call a hang. The wall-clock limit (SIGALRM) is for a case blocked without using CPU. Main
+    thread only, where pytest runs tests; an outer real-time timer (pytest-timeout's signal
+    method) is put back after.
     """
-    if seconds is None:
-        seconds = 60.0
+    fired: list[str] = []
 
     def expire(signum: int, frame: FrameType | None) -> None:
-        raise HangError(f"no answer after {seconds} s")
+        fired.append("CPU" if signum == signal.SIGVTALRM else "wall-clock")
+        raise HangError(f"no answer after {fired[-1]} limit")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    # An outer timer (pytest-timeout's signal method uses this one too) is put back after.
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous_vt = signal.signal(signal.SIGVTALRM, expire)
+    previous_alarm = signal.signal(signal.SIGALRM, expire)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, wall_seconds)
+    signal.setitimer(signal.ITIMER_VIRTUAL, cpu_seconds)
     started = time.monotonic()
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGVTALRM, previous_vt)
+        signal.signal(signal.SIGALRM, previous_alarm)
         if outer_delay:
             left = max(outer_delay - (time.monotonic() - started), 0.001)
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+    if fired:  # raised where it was swallowed (a gc callback, an except clause): say so here
+        raise HangError(f"no answer within the {fired[0]} limit")
 
 
 def check_error(error: BaseException) -> CmaError:
