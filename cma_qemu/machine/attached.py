@@ -15,7 +15,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from cma_qemu.closing import AsyncClosing
-from cma_qemu.errors import EIO
+from cma_qemu.errors import EIO, EOPNOTSUPP
 from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.events import EventHub
@@ -113,8 +113,11 @@ async def attach(
     """Attach to a running QEMU through its QMP socket (see :class:`AttachedMachine`).
 
     Finds the RAM backend file for mmap when it is ``share=on`` (pmemsave otherwise) and the
-    chardev serving ``channel_path``; raises ENODEV when the channel is not there.
+    chardev serving ``channel_path``; raises ENODEV when the channel is not there, and
+    EOPNOTSUPP for a net channel (its socket is the agent's, not a QEMU chardev).
     """
+    if board.channel.kind == "net":
+        raise EOPNOTSUPP("attaching to a QEMU with a net channel is not supported", where="qmp")
     qmp = await connect_qmp(qmp_path, timeout=timeout, name="cma-qemu-attach")
     tmp: tempfile.TemporaryDirectory[str] | None = None
     try:

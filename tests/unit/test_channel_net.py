@@ -190,3 +190,12 @@ def test_lan9118_node_errors() -> None:
     bare = fdt.FDT()
     with pytest.raises(ENODEV, match="gpx0-gpio-bank"):
         add_lan9118(bare.to_dtb(version=17))
+
+
+async def test_attach_refuses_a_net_channel(tmp_path: Path) -> None:
+    from cma_qemu.boards import load_board
+    from cma_qemu.errors import EOPNOTSUPP
+    from cma_qemu.machine.attached import attach
+
+    with pytest.raises(EOPNOTSUPP, match="net channel is not supported"):
+        await attach(tmp_path / "qmp.sock", tmp_path / "channel.sock", load_board("smdkc210-net"))
