@@ -61,8 +61,10 @@ def _addresses(session: BoardSession) -> dict[str, int]:
 def _check_buffers(session: BoardSession) -> set[int]:
     addrs = _addresses(session)
     live = {c.start: c for c in session.agent.guest_chunks()}
+    kernel = f"guest:{session.agent.agent.port}/kernel"  # cma-test -k's "owner": "kernel"
     for param, region, size, pattern in BUFFERS:
         chunk = live[addrs[param]]  # the host's framework holds it for the guest
+        assert chunk.owner == kernel, (param, chunk.owner)
         assert chunk.region is not None and chunk.region.name == region
         assert chunk.size == size
         words = struct.unpack(f"<{size // 4}I", session.agent.read(chunk.start, size))

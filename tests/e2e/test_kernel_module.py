@@ -97,6 +97,8 @@ def test_killed_process_gives_its_chunks_back(board: BoardSession, daemon: Daemo
         time.sleep(0.2)
     held = {addr for addr, _ in _chunks(out)}
     assert len(held) == 3 and held <= {c.start for c in board.agent.guest_chunks()}
+    kernel = f"guest:{board.agent.agent.port}/kernel"  # /dev/cma's chunks are the kernel's
+    assert {board.agent.chunk_at(addr).owner for addr in held} == {kernel}
     board.guest.check(f"kill -9 {pid}")
     while held & {c.start for c in board.agent.guest_chunks()}:
         assert time.monotonic() < deadline + 30, "the killed process's chunks were not freed"
