@@ -69,7 +69,7 @@ def test_boards_json(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = cli(capsys, "boards", "--json")
     assert (status, err) == (0, "")
     boards = {b["name"]: b for b in json.loads(out)}
-    assert sorted(boards) == ["aquila", "goni", "smdkc210", "virt"]
+    assert sorted(boards) == ["aquila", "goni", "smdkc210", "smdkc210-net", "virt"]
     goni = boards["goni"]
     assert set(goni) == {
         "name",
@@ -296,7 +296,7 @@ MISTAKES = [
     (["--cma", "a=1M", "--ram", "0x40000800:16M"], "EINVAL", ["4 KiB page"]),
     (["--cma", "a=32M", "--ram", "0x40000000:16M"], "ENOMEM", ["region 'a'", "does not fit"]),
     (["--cma", "a=1M@0x80000000", "--ram", "0x40000000:16M"], "ENOMEM", ["not inside RAM"]),
-    (["--board", "nosuch"], "ENOENT", ["no board named 'nosuch'", "aquila, goni, smdkc210, virt"]),
+    (["--board", "nosuch"], "ENOENT", ["no board named 'nosuch'", "aquila, goni, smdkc210, smdkc210-net, virt"]),
     (["--board", "aquila", "--allocator", "nosuch"], "EINVAL", ["'nosuch'", "bf, bitmap"]),
     (["--board", "aquila", "--allocator", "bf", "--allocator", "nope"], "EINVAL", ["'nope'"]),
     (["--board", "aquila", "--map", "s3c-mfc5"], "EINVAL", ["map", "column"]),
