@@ -296,7 +296,11 @@ MISTAKES = [
     (["--cma", "a=1M", "--ram", "0x40000800:16M"], "EINVAL", ["4 KiB page"]),
     (["--cma", "a=32M", "--ram", "0x40000000:16M"], "ENOMEM", ["region 'a'", "does not fit"]),
     (["--cma", "a=1M@0x80000000", "--ram", "0x40000000:16M"], "ENOMEM", ["not inside RAM"]),
-    (["--board", "nosuch"], "ENOENT", ["no board named 'nosuch'", "aquila, goni, smdkc210, smdkc210-net, virt"]),
+    (
+        ["--board", "nosuch"],
+        "ENOENT",
+        ["no board named 'nosuch'", "aquila, goni, smdkc210, smdkc210-net, virt"],
+    ),
     (["--board", "aquila", "--allocator", "nosuch"], "EINVAL", ["'nosuch'", "bf, bitmap"]),
     (["--board", "aquila", "--allocator", "bf", "--allocator", "nope"], "EINVAL", ["'nope'"]),
     (["--board", "aquila", "--map", "s3c-mfc5"], "EINVAL", ["map", "column"]),
