@@ -35,7 +35,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -379,8 +379,7 @@ class GdbStubGuestMemory(GuestMemory):
             t0 = time.perf_counter()
             for start in range(0, len(data), STOP_GROUP):
                 group = data[start : start + STOP_GROUP]
-                we_stopped = await self._stop(remote)
-                try:
+                async with self._stopped(remote):
                     for off in range(0, len(group), MAX_WRITE_PACKET):
                         part = group[off : off + MAX_WRITE_PACKET]
                         where = addr + start + off
@@ -393,17 +392,6 @@ class GdbStubGuestMemory(GuestMemory):
                                 f"{reply!r}",
                                 where="gdbstub",
                             )
-                except BaseException:
-                    # a reply may still be on its way: this connection can no longer pair
-                    # packets with replies, so it goes (after the continue) and the next
-                    # write connects anew
-                    if we_stopped:
-                        self._continue(remote)
-                    remote.abort()
-                    self._remote = None
-                    raise
-                if we_stopped:
-                    self._continue(remote)
             self.last_write = WriteStats(len(data), time.perf_counter() - t0)
         if len(data) >= STOP_GROUP:
             log.info(
@@ -425,8 +413,7 @@ class GdbStubGuestMemory(GuestMemory):
         out = bytearray()
         async with self._lock:
             remote = await self._connected()
-            we_stopped = await self._stop(remote)
-            try:
+            async with self._stopped(remote):
                 for off in range(0, size, MAX_READ_PACKET):
                     n = min(MAX_READ_PACKET, size - off)
                     reply = await remote.command(f"m{addr + off:x},{n:x}", self.timeout)
@@ -439,15 +426,27 @@ class GdbStubGuestMemory(GuestMemory):
                             f"gdbstub read {addr + off:#x}+{n:#x}: {reply[:16]!r}", where="gdbstub"
                         )
                     out += part
-            except BaseException:
-                if we_stopped:
-                    self._continue(remote)
-                remote.abort()
-                self._remote = None
-                raise
+        return bytes(out)
+
+    @contextlib.asynccontextmanager
+    async def _stopped(self, remote: GdbRemote) -> AsyncIterator[None]:
+        """The VM stopped for the body (unless it already was), and continued after it.
+
+        On any exception, cancellation included, the continue is sent first; then, since a
+        reply may still be on its way and this connection can no longer pair packets with
+        replies, the connection goes and the next access connects anew.
+        """
+        we_stopped = await self._stop(remote)
+        try:
+            yield
+        except BaseException:
             if we_stopped:
                 self._continue(remote)
-        return bytes(out)
+            remote.abort()
+            self._remote = None
+            raise
+        if we_stopped:
+            self._continue(remote)
 
     async def _vm_running(self) -> bool:
         status = await self._qmp.execute("query-status")
