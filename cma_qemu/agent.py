@@ -226,6 +226,8 @@ class Agent(AsyncClosing):
         machine = self.machine
         if not isinstance(machine, AttachedMachine) or self.board.channel.kind != "virtio-serial":
             return
+        if machine.channel_chardev is None:
+            return
         label = machine.channel_chardev.label
         now = next((c for c in await chardevs(machine.qmp) if c.label == label), None)
         if now is not None and not now.frontend_open:

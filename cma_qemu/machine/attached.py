@@ -15,7 +15,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from cma_qemu.closing import AsyncClosing
-from cma_qemu.errors import EIO, EOPNOTSUPP
+from cma_qemu.errors import EIO
 from cma_qemu.machine import rundir
 from cma_qemu.machine.console import Console
 from cma_qemu.machine.events import EventHub
@@ -76,7 +76,9 @@ class AttachedMachine(AsyncClosing):
     qmp: QMPClient
     qmp_path: Path
     channel_path: Path
-    channel_chardev: Chardev
+    #: The QEMU chardev serving the channel socket; None for a net channel, whose socket is
+    #: the agent's own (QEMU's guestfwd connects to it once per guest connection).
+    channel_chardev: Chardev | None
     memory: GuestMemory
     events: EventHub
     _tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -113,15 +115,16 @@ async def attach(
     """Attach to a running QEMU through its QMP socket (see :class:`AttachedMachine`).
 
     Finds the RAM backend file for mmap when it is ``share=on`` (pmemsave otherwise) and the
-    chardev serving ``channel_path``; raises ENODEV when the channel is not there, and
-    EOPNOTSUPP for a net channel (its socket is the agent's, not a QEMU chardev).
+    chardev serving ``channel_path``; raises ENODEV when the channel is not there. A net
+    channel has no chardev: ``channel_path`` is where the agent will listen, the socket QEMU's
+    guestfwd connects to (``cma-qemu qemu-command`` names it), so nothing is looked up.
     """
-    if board.channel.kind == "net":
-        raise EOPNOTSUPP("attaching to a QEMU with a net channel is not supported", where="qmp")
     qmp = await connect_qmp(qmp_path, timeout=timeout, name="cma-qemu-attach")
     tmp: tempfile.TemporaryDirectory[str] | None = None
     try:
-        chardev = await find_channel_chardev(qmp, channel_path, board)
+        chardev = None
+        if board.channel.kind != "net":
+            chardev = await find_channel_chardev(qmp, channel_path, board)
         rundir.sweep({tempfile.gettempdir(), rundir.default_parent()})  # dead agents' dirs
         tmp = tempfile.TemporaryDirectory(prefix="cma-qemu-attach-")
         os.chmod(tmp.name, 0o700)

@@ -192,10 +192,39 @@ def test_lan9118_node_errors() -> None:
         add_lan9118(bare.to_dtb(version=17))
 
 
-async def test_attach_refuses_a_net_channel(tmp_path: Path) -> None:
-    from cma_qemu.boards import load_board
-    from cma_qemu.errors import EOPNOTSUPP
-    from cma_qemu.machine.attached import attach
+class _Stop(Exception):
+    """Raised where attach opens guest memory: the test needs no further."""
 
-    with pytest.raises(EOPNOTSUPP, match="net channel is not supported"):
-        await attach(tmp_path / "qmp.sock", tmp_path / "channel.sock", load_board("smdkc210-net"))
+
+@pytest.mark.parametrize(("board_name", "looks_up"), [("smdkc210-net", False), ("smdkc210", True)])
+async def test_attach_looks_up_a_chardev_only_when_qemu_serves_the_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, board_name: str, looks_up: bool
+) -> None:
+    """A net channel's socket is the agent's own (guestfwd's socat connects to it), so attach
+    finds no chardev for it; a UART or virtio channel's socket must be a QEMU chardev."""
+    from cma_qemu.boards import load_board
+    from cma_qemu.machine import attached
+
+    class FakeQmp:
+        async def disconnect(self) -> None:
+            pass
+
+    lookups: list[Path] = []
+
+    async def connect_qmp(path: Any, **kwargs: Any) -> FakeQmp:
+        return FakeQmp()
+
+    async def find_channel_chardev(qmp: Any, path: Path, board: Any) -> Any:
+        lookups.append(path)
+        raise ENODEV(f"no chardev listens on {path}", where="qmp")
+
+    async def open_guest_memory(*args: Any, **kwargs: Any) -> Any:
+        raise _Stop
+
+    monkeypatch.setattr(attached, "connect_qmp", connect_qmp)
+    monkeypatch.setattr(attached, "find_channel_chardev", find_channel_chardev)
+    monkeypatch.setattr(attached, "open_guest_memory", open_guest_memory)
+    channel = tmp_path / "channel.sock"
+    with pytest.raises(ENODEV if looks_up else _Stop):
+        await attached.attach(tmp_path / "qmp.sock", channel, load_board(board_name))
+    assert lookups == ([channel] if looks_up else [])

@@ -1,0 +1,179 @@
+"""Attaching to a net-channel QEMU a harness started: ``cma-qemu qemu-command smdkc210-net``
+then ``Agent.attach`` and ``cma-qemu attach``.
+
+A net channel has no QEMU chardev: QEMU's guestfwd runs ``socat - UNIX-CONNECT:DIR/channel.sock``
+for every guest connection, so the attaching agent listens at the ``--channel`` path that
+``qemu-command`` printed. One QEMU boot serves the module; the guest's stubs before the agent
+listens fail to connect, those after it are sessions ``guest:net:N`` of the attached agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+from qemu.qmp import QMPClient
+
+from cma_qemu.agent import Agent
+from cma_qemu.boards import load_board
+from cma_qemu.configuration import build_cma
+
+pytestmark = [pytest.mark.e2e]
+
+CLI = str(Path(sys.executable).with_name("cma-qemu"))
+PROMPT = "cma# "
+STUB_PROMPT = "cma-test> "
+BOARD = load_board("smdkc210-net")
+RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
+
+
+@dataclass
+class Qemu:
+    child: pexpect.spawn[str]
+    qmp_socket: Path
+    channel_socket: Path
+    control: Path  # the test's own QMP socket
+    attach: list[str]  # the `cma-qemu attach` command qemu-command printed
+
+    def expect(self, pattern: Any, timeout: float = 60) -> Any:
+        self.child.expect(pattern, timeout=timeout)
+        return self.child.match
+
+    def shell(self, cmd: str, timeout: float = 60) -> str:
+        self.child.sendline(cmd)
+        self.expect(PROMPT, timeout)
+        return str(self.child.before).replace("\r", "")
+
+    def stub_alloc(self, line: str) -> int:
+        """Start ``cma-test`` held open, allocate with ``line``; the chunk's start."""
+        self.child.sendline("cma-test")
+        self.expect(STUB_PROMPT)
+        self.child.sendline(line)
+        match = self.expect(r"1: 0x100000@(0x[0-9a-f]+)\r*\n")
+        self.expect(STUB_PROMPT)
+        return int(match.group(1), 16)
+
+    def stub_end(self) -> None:
+        """Ctrl-D: the stub frees its chunks and exits to the shell."""
+        self.child.send("\x04")
+        self.expect(PROMPT)
+
+    async def qmp(self, command: str) -> Any:
+        client = QMPClient("attach-net-test")
+        await client.connect(str(self.control))
+        try:
+            return await client.execute(command)
+        finally:
+            with contextlib.suppress(EOFError):  # after `quit` QEMU closes the socket first
+                await client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
+    run = tmp_path_factory.mktemp("attnet")
+    argv = [CLI, "qemu-command", BOARD.name, "--dir", str(run), "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+    info = json.loads(out)
+    assert [(r["name"], r["start"], r["size"]) for r in info["regions"]] == RESERVATIONS
+    channel = Path(info["channel"])
+    assert any(f"UNIX-CONNECT:{channel}" in arg for arg in info["argv"]), info["argv"]
+    control = run / "control.sock"
+    argv = [*info["argv"], "-qmp", f"unix:{control},server=on,wait=off"]
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace")
+    q = Qemu(child, Path(info["qmp"]), channel, control, info["attach"])
+    try:
+        ready = q.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", 240).group(1)
+        assert ready == BOARD.channel.name
+        q.expect(PROMPT)
+        yield q
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close(force=True)
+
+
+async def _until(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
+    # No agent yet: socat finds nobody at the socket and the guest's connection gets no reply.
+    out = await asyncio.to_thread(qemu.shell, "echo 'alloc camera 1M' | cma-test")
+    assert not qemu.channel_socket.exists()
+    assert "alloc: ETIMEDOUT: no reply from the agent" in out, out
+    agent = await Agent.attach(BOARD, qemu.qmp_socket, qemu.channel_socket)
+    try:
+        assert agent.machine.channel_path == qemu.channel_socket
+        assert qemu.channel_socket.is_socket()
+        start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
+        chunk = agent.cma.chunk(start)
+        assert chunk.requested == 0x100000
+        assert re.fullmatch(r"guest:net:\d+", str(chunk.owner)), chunk.owner
+        await asyncio.to_thread(qemu.stub_end)
+        await _until(lambda: agent.cma.chunks == [])
+    finally:
+        await agent.close()
+    assert not qemu.channel_socket.exists()
+    assert (await qemu.qmp("query-status"))["status"] == "running"
+
+
+def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The first JSON object ``cma-qemu attach --json`` prints (it may span lines)."""
+    assert proc.stdout is not None
+    text = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"attach exited: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
+        text += line
+        with contextlib.suppress(json.JSONDecodeError):
+            return dict(json.loads(text))
+    raise AssertionError(f"no JSON from attach in {timeout}s: {text!r}")
+
+
+async def test_cli_attach_serves_a_net_board_and_exits_with_qemu(qemu: Qemu) -> None:
+    assert qemu.attach[:2] == ["cma-qemu", "attach"]
+    proc = subprocess.Popen(
+        [CLI, *qemu.attach[1:], "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        info = await asyncio.to_thread(read_json, proc, 30)
+        assert info["channel"] == str(qemu.channel_socket)
+        monitor = QMPClient("attach-net-monitor")
+        await monitor.connect(info["monitor"])
+        try:
+            start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
+            chunks = await monitor.execute("query-cma-chunks")
+            assert [c["addr"] for c in chunks] == [start]
+            await asyncio.to_thread(qemu.stub_end)
+            deadline = time.monotonic() + 10
+            while await monitor.execute("query-cma-chunks"):
+                assert time.monotonic() < deadline, "the stub's chunk was not freed"
+                await asyncio.sleep(0.05)
+        finally:
+            await monitor.disconnect()
+        await qemu.qmp("quit")
+        await asyncio.to_thread(qemu.expect, pexpect.EOF, 30)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not qemu.channel_socket.exists()
