@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import select
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from typing import Any
 
 import pexpect
 import pytest
+from machine_helpers import read_json
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -159,19 +158,6 @@ async def test_agent_attach_serves_the_guest_and_leaves_qemu_running(qemu: Qemu)
     assert "alive-42" in out
 
 
-def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if select.select([fd], [], [], 0.5)[0]:
-            data += os.read(fd, 65536)
-            try:
-                return dict(json.loads(data))
-            except ValueError:
-                continue
-    raise AssertionError(f"no JSON from cma-qemu attach: {data!r}")
-
-
 async def test_cli_attach_monitor_sees_the_guest_and_exits_with_qemu(qemu: Qemu) -> None:
     f = qemu.files
     assert qemu.attach[:2] == ["cma-qemu", "attach"]
@@ -180,7 +166,7 @@ async def test_cli_attach_monitor_sees_the_guest_and_exits_with_qemu(qemu: Qemu)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        info = await asyncio.to_thread(_read_json, proc, 30)
+        info = await asyncio.to_thread(read_json, proc, 30)
         assert (info["qmp"], info["channel"]) == (str(f.qmp_socket), str(f.channel_socket))
         assert [(r["name"], r["start"], r["size"]) for r in info["regions"]] == RESERVATIONS
         monitor = QMPClient("attach-test-monitor")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from machine_helpers import read_json
 
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
@@ -249,28 +249,10 @@ def test_user_errors_are_one_line(args: list[str], errno: str, parts: list[str])
     assert run.qemu_pid is None  # refused before any QEMU was started
 
 
-def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
-    """Stdout until it makes one JSON object (what --json prints once the agent serves)."""
-    assert proc.stdout is not None
-    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(fd, 65536)  # not the buffered reader: select sees the pipe only
-            if not chunk:
-                break
-            data += chunk
-            try:
-                return dict(json.loads(data))
-            except ValueError:
-                continue
-    raise AssertionError(f"no JSON from cma-qemu in {timeout} s: {data!r}")
-
-
 def test_sigint_during_run_cleans_up() -> None:
     run = start("boot", "virt", "--json", "--run", "sleep 60")
     try:
-        info = _read_json(run.proc, 120)
+        info = read_json(run.proc, 120)
         run.find_qemu()
         assert run.qemu_pid is not None and Path(str(info["qmp"])).exists()
         assert run.ram_file.exists()

@@ -10,10 +10,8 @@ nothing new appeared in /dev/shm.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from machine_helpers import guest_image
+from machine_helpers import guest_image, read_json
 
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
@@ -159,26 +157,6 @@ class Agent:
         self.proc.wait()
 
 
-def _read_json(proc: subprocess.Popen[str], timeout: float = BOOT_TIMEOUT) -> dict[str, Any]:
-    """The ``--json`` object the CLI prints once the board is served."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    data = ""
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(fd, 65536).decode()
-            if not chunk:
-                break
-            data += chunk
-            try:
-                return dict(json.loads(data))
-            except ValueError:
-                continue
-    raise AssertionError(f"no JSON in {timeout} s: {data!r}")
-
-
 @pytest.fixture
 def boot_sleeping() -> Iterator[Callable[[], Agent]]:
     """``cma-qemu boot virt --json --run "sleep 60"``, served and in its sleep."""
@@ -195,7 +173,7 @@ def boot_sleeping() -> Iterator[Callable[[], Agent]]:
         )
         agent = Agent(proc, shm)
         started.append(agent)
-        agent.info = _read_json(proc)
+        agent.info = read_json(proc, BOOT_TIMEOUT)
         agent.wait_for_qemu()
         agent.check_running()
         time.sleep(0.5)  # the guest is in its `sleep 60`
@@ -381,7 +359,7 @@ def test_sigterm_detaches_and_leaves_qemu_running(tmp_path: Path) -> None:
             text=True,
             env=ENV,
         )
-        info = _read_json(attach, 60)
+        info = read_json(attach, 60)
         monitor = Path(str(info["monitor"]))
         assert monitor.exists()
         before = sorted(tmp_path.iterdir())
