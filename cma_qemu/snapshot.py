@@ -5,8 +5,10 @@ A snapshot directory holds::
     snapshot.json   the key (QEMU version, board, attributes, placed regions, hashes of the
                     kernel, initramfs and patched DTB), the agent's state (allocator choices,
                     live chunks with owners and refcounts) and the sizes and hashes of:
-    state.mig       QEMU's device state (``x-ignore-shared`` migration: no RAM)
-    guest.ram       guest RAM, sparse (only the pages the guest touched take space)
+    state.mig       QEMU's device state (``x-ignore-shared`` migration: no RAM), or on a
+                    board without a shared RAM backend (smdkc210) the device state and RAM
+    guest.ram       guest RAM, sparse (only the pages the guest touched take space); only
+                    on a board with a shared RAM backend (virt)
     guest.dtb       the patched device tree the guest booted with
 
 A restore checks everything it can before QEMU starts, so a missing, foreign, truncated or
@@ -137,14 +139,9 @@ def _key(board: Board, attributes: dict[str, Any], cma: Cma, dtb_sha: str) -> di
     }
 
 
-def _refuse_unsupported(board: Board) -> None:
-    if not uses_ram_file(board):
-        raise EOPNOTSUPP(
-            f"{board.name} ({board.machine_type}) has no shared RAM backend: all of its RAM "
-            "would go through QEMU's migration stream, which snapshots do not support yet "
-            "(docs/snapshots.md)",
-            where="snapshot",
-        )
+def _saved_files(info: SnapshotInfo) -> tuple[str, ...]:
+    """The data files a snapshot holds: no ``guest.ram`` when its RAM is in the stream."""
+    return (_STATE, _RAM, _DTB) if _RAM in info.files else (_STATE, _DTB)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -152,16 +149,15 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
     """Save ``agent``'s booted guest and CMA state into the directory ``path``.
 
     The guest is stopped, requests it sent before are answered (the stop halts new ones),
-    its device state and RAM are copied, and it runs on. Cost: one migration (tens of ms)
-    plus the RAM pages in use.
+    its device state and RAM are copied, and it runs on. Cost on virt: one migration (tens
+    of ms) plus the RAM pages in use; on smdkc210 one migration carrying RAM (about 0.5 s).
     """
     machine = agent.machine
     if not isinstance(machine, Machine):
         raise EOPNOTSUPP("only a machine this agent launched can be saved", where="snapshot")
     board = agent.board
-    _refuse_unsupported(board)
-    ram_path = machine.ram_path
-    assert ram_path is not None and machine.files is not None
+    ram_path = machine.ram_path  # None: the RAM goes in the migration stream (smdkc210)
+    assert machine.files is not None
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -174,20 +170,22 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
     _, total, _ = ram_extent(board)
     qmp = machine.qmp
     try:
-        await save_state(qmp, path / _STATE)
+        await save_state(qmp, path / _STATE, ignore_shared=ram_path is not None)
         # the guest is stopped: the chunk state and the RAM copy are of the same instant
         cma = agent.cma
         chunks = [[c.start, c.size, c.requested, c.refcount, c.owner] for c in cma.chunks]
         allocators = {str(r.start): r.allocator_name for r in cma.regions}
-        src = os.open(ram_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            dst = os.open(path / _RAM, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if ram_path is not None:
+            src = os.open(ram_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                await asyncio.to_thread(copy_sparse, src, dst, total)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                dst = os.open(path / _RAM, flags, 0o600)
+                try:
+                    await asyncio.to_thread(copy_sparse, src, dst, total)
+                finally:
+                    os.close(dst)
             finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+                os.close(src)
     except BaseException as error:
         for name in (_STATE, _RAM, _DTB):  # no half snapshot left behind
             with contextlib.suppress(OSError):
@@ -201,11 +199,12 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
     attributes = _attributes(agent)
     key = _key(board, attributes, agent.cma, file_sha256(path / _DTB))
     state = path / _STATE
-    files = {
+    files: dict[str, dict[str, Any]] = {
         _STATE: {"size": state.stat().st_size, "sha256": file_sha256(state)},
-        _RAM: {"size": total},
         _DTB: {"size": (path / _DTB).stat().st_size, "sha256": key["dtb"]},
     }
+    if ram_path is not None:
+        files[_RAM] = {"size": total}
     doc = {
         "board_file": str(board.path),
         "format": _FORMAT,
@@ -227,7 +226,8 @@ def read_snapshot(path: Path) -> SnapshotInfo:
     """Read and check a snapshot directory's files (not yet the key against this host).
 
     ENOENT: no such directory or file; EINVAL: not a cma-qemu snapshot; EIO: a file is cut
-    short or does not hash to what was saved. Cost: hashing the ~345 KB device state.
+    short or does not hash to what was saved. Cost: hashing the device state (~345 KB on
+    virt, once per process; tens of MiB with the RAM on smdkc210, about 0.1 s).
     """
     path = Path(path)
     where = f"snapshot {path}"
@@ -259,7 +259,7 @@ def read_snapshot(path: Path) -> SnapshotInfo:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise EINVAL(f"malformed {SNAPSHOT_FILE}: {err!r}", where=where) from None
-    for name in (_STATE, _RAM, _DTB):
+    for name in _saved_files(info):
         expected = info.files.get(name, {})
         try:
             size = (path / name).stat().st_size
@@ -307,9 +307,10 @@ async def restore_agent(
 
     Every check runs before QEMU starts. The channel is connected before the device state
     loads, the chunks are restored after (QEMU replays the port's saved open/closed state as
-    a ``VSERPORT_CHANGE``, which must not release them), and the guest's clock is set from
-    the RTC (it lags by the time since the snapshot). Cost: the RAM pages in use copied into
-    a new RAM file, then about 0.1 s of QEMU CPU (BENCHMARKS.md, "Snapshot and restore").
+    a ``VSERPORT_CHANGE``, which must not release them), and the guest's clock is set (it
+    lags by the time since the snapshot; :func:`_set_clock`). Cost on virt: the RAM pages in
+    use copied into a new RAM file, then about 0.1 s of QEMU CPU; on smdkc210 loading the
+    stream with its RAM (BENCHMARKS.md, "Snapshot and restore").
     """
     from cma_qemu.agent import Agent
 
@@ -324,7 +325,12 @@ async def restore_agent(
             board = load_board(info.board_file)
         except CmaError as err2:
             raise EINVAL(f"board {info.board_file}: {err2.message}", where=where) from None
-    _refuse_unsupported(board)
+    if uses_ram_file(board) != (_RAM in info.files):
+        raise EINVAL(
+            f"{board.name}: a snapshot {'with' if _RAM in info.files else 'without'} "
+            f"{_RAM} does not fit this board's RAM (board file changed?); save it again",
+            where=where,
+        )
     key = info.key
     cma = build_cma(
         board=board,
@@ -347,7 +353,7 @@ async def restore_agent(
         board,
         reservations,
         image=image,
-        ram_source=info.path / _RAM,
+        ram_source=info.path / _RAM if _RAM in info.files else None,
         dtb=info.path / _DTB,
         runtime_parent=runtime_parent,
     )
@@ -371,12 +377,19 @@ async def restore_agent(
         await machine.resume(info.path / _STATE, timeout=timeout)
         for start, size, requested, refcount, owner in info.chunks:
             cma.restore_chunk(start, size, requested, owner=owner, refcount=refcount)
-        await machine.console.check("hwclock -s", timeout=timeout)
+        await machine.console.check(_set_clock(), timeout=timeout)
         machine.boot_time = time.monotonic() - t0
     except BaseException:
         await agent.close()
         raise
     return agent
+
+
+def _set_clock() -> str:
+    """The guest command that sets its clock: from the RTC where there is one (virt's PL031
+    reads host time), else from the host's clock typed in (smdkc210's guest has no RTC
+    driver; off by at most half a second plus the console's latency)."""
+    return f"hwclock -s 2>/dev/null || date -s @{round(time.time())} >/dev/null"
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -4,8 +4,10 @@ Guest RAM on virt is a shared memory backend, so with QEMU's ``x-ignore-shared``
 the migration stream carries only device state (a few hundred KB, mostly virt's flash), and
 the RAM is copied separately, sparse-aware (only the pages the guest touched). A restore
 fills a new anonymous RAM file from that copy before QEMU starts, then starts the very same
-argv with ``-incoming defer``. Why it is done this way, and the pitfalls, are in
-docs/snapshots.md.
+argv with ``-incoming defer``. smdkc210 has no RAM backend to share (QEMU ignores ``-m`` and
+memory backends there), so its stream carries the RAM too (tens of MiB: zero pages are a
+few bytes each) and there is no RAM file to copy. Why it is done this way, and the
+pitfalls, are in docs/snapshots.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from cma_qemu.errors import EIO, EOPNOTSUPP, ETIMEDOUT, from_os_error
+from cma_qemu.errors import EINVAL, EIO, ETIMEDOUT, from_os_error
 from cma_qemu.machine import rundir
 from cma_qemu.machine.devicetree import Reservation
 from cma_qemu.machine.launch import (
@@ -93,25 +95,39 @@ async def _wait_migration(qmp: QMPClient, what: str, timeout: float) -> None:
 
 
 async def save_state(
-    qmp: QMPClient, state_file: Path, *, timeout: float = 60.0, settle: float = 0.02
+    qmp: QMPClient,
+    state_file: Path,
+    *,
+    timeout: float = 60.0,
+    settle: float = 0.02,
+    ignore_shared: bool = True,
 ) -> None:
-    """Stop the guest and write QEMU's device state to ``state_file`` (RAM excluded).
+    """Stop the guest and write QEMU's device state to ``state_file``.
 
-    Between the stop and the save the event loop runs for ``settle`` seconds, so a request
+    With ``ignore_shared`` the shared RAM backend is left out (virt); without it the stream
+    carries all of RAM (smdkc210: about 0.5 s for 57 MiB, BENCHMARKS.md). Between the stop
+    and the save the event loop runs for ``settle`` seconds, so a request
     the guest sent before it stopped is read and answered into QEMU first (and saved with
     it). The guest stays stopped: the caller copies RAM, then resumes it with ``cont``.
     Cost: ``settle`` plus 20 to 90 ms on virt (the stream is about 345 KB).
     """
-    await qmp_call(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
+    if ignore_shared:
+        await qmp_call(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
     await qmp_call(qmp, "stop")
     await asyncio.sleep(settle)
     await qmp_call(qmp, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
     await _wait_migration(qmp, "saving the device state", timeout)
 
 
-async def load_state(qmp: QMPClient, state_file: Path, *, timeout: float = 60.0) -> None:
-    """Load ``state_file`` into a QEMU started with ``-incoming defer`` and run the guest."""
-    await qmp_call(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
+async def load_state(
+    qmp: QMPClient, state_file: Path, *, timeout: float = 60.0, ignore_shared: bool = True
+) -> None:
+    """Load ``state_file`` into a QEMU started with ``-incoming defer`` and run the guest.
+
+    ``ignore_shared`` must be what the save used (QEMU refuses a mismatch).
+    """
+    if ignore_shared:
+        await qmp_call(qmp, "migrate-set-capabilities", _IGNORE_SHARED)
     await qmp_call(qmp, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
     await _wait_migration(qmp, "loading the device state", timeout)
     status = await qmp_call(qmp, "query-status")
@@ -122,7 +138,8 @@ async def load_state(qmp: QMPClient, state_file: Path, *, timeout: float = 60.0)
 class RestoredMachine(Machine):
     """A :class:`Machine` started from a snapshot instead of booted.
 
-    ``start()`` fills a new anonymous RAM file from ``ram_source``, puts the saved patched DTB
+    ``start()`` fills a new anonymous RAM file from ``ram_source`` (``None`` on a machine
+    without one, whose RAM is in the saved stream), puts the saved patched DTB
     in the runtime directory (QEMU wants the file; the tree it uses is in RAM), starts the
     same argv as the boot plus ``-incoming defer`` and connects QMP. The guest does not run
     until :meth:`resume`, so the agent can connect the channel first (connected later, the
@@ -135,14 +152,15 @@ class RestoredMachine(Machine):
         reservations: Sequence[Reservation],
         *,
         image: GuestImageLike,
-        ram_source: Path,
+        ram_source: Path | None,
         dtb: Path,
         qemu: str = QEMU,
         runtime_parent: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not uses_ram_file(board):
-            raise EOPNOTSUPP(
-                f"{board.machine_type} has no shared RAM backend to restore into",
+        if uses_ram_file(board) != (ram_source is not None):
+            raise EINVAL(
+                f"{board.machine_type}: a saved RAM file is needed exactly when the board "
+                "has a shared RAM backend",
                 where="snapshot",
             )
         super().__init__(
@@ -165,16 +183,18 @@ class RestoredMachine(Machine):
         rundir.sweep({parent, rundir.default_parent()})
         runtime = rundir.create(parent)
         self._leftovers.paths.append(runtime)
-        fd, ram_file = guest_ram(total, f"cma-qemu-{board.name}")
-        self._leftovers.fds.append(fd)
-        try:
-            src = os.open(self._ram_source, os.O_RDONLY | os.O_CLOEXEC)
+        ram_file = None
+        if self._ram_source is not None:
+            fd, ram_file = guest_ram(total, f"cma-qemu-{board.name}")
+            self._leftovers.fds.append(fd)
             try:
-                await asyncio.to_thread(copy_sparse, src, fd, total)
-            finally:
-                os.close(src)
-        except OSError as err:
-            raise from_os_error(err, f"snapshot {self._ram_source}") from None
+                src = os.open(self._ram_source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    await asyncio.to_thread(copy_sparse, src, fd, total)
+                finally:
+                    os.close(src)
+            except OSError as err:
+                raise from_os_error(err, f"snapshot {self._ram_source}") from None
         self.files = files = LaunchFiles.in_dir(runtime, ram_file)
         shutil.copyfile(self._saved_dtb, files.dtb)
         image = self._image
@@ -183,6 +203,8 @@ class RestoredMachine(Machine):
 
     async def resume(self, state_file: Path, *, timeout: float = 60.0) -> None:
         """Load the saved device state and run the guest; its console goes on draining."""
-        await load_state(self.qmp, state_file, timeout=timeout)
+        await load_state(
+            self.qmp, state_file, timeout=timeout, ignore_shared=self._ram_source is not None
+        )
         self.guest_channel = self.board.channel.name
         self.console.start_pump()

@@ -21,7 +21,7 @@ import pytest
 
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
-from cma_qemu.errors import EINVAL, EIO, ENOENT, EOPNOTSUPP
+from cma_qemu.errors import EINVAL, EIO, ENOENT
 from cma_qemu.snapshot import SNAPSHOT_FILE, read_snapshot, restore_agent
 
 pytestmark = pytest.mark.e2e
@@ -175,13 +175,6 @@ async def test_bad_snapshots_give_one_error_and_no_qemu(snapshot: Path, tmp_path
     ):
         await Agent.restore(other)
     assert _ours() == before
-
-
-def test_smdkc210_is_refused_with_the_reason() -> None:
-    from cma_qemu.snapshot import _refuse_unsupported
-
-    with pytest.raises(EOPNOTSUPP, match="migration stream"):
-        _refuse_unsupported(load_board("smdkc210"))
 
 
 CLI = str(Path(sys.executable).with_name("cma-qemu"))
