@@ -2,8 +2,9 @@
 
 Subject: ``await Agent.restore(DIR)`` in-process, from the call until it returns: the snapshot
 checked, guest RAM copied into a new memfd, QEMU started with ``-incoming defer``, QMP and the
-channel connected, the device state loaded, the chunks restored and ``hwclock -s`` run at the
-guest's prompt; then one ``true`` at the prompt. Baseline: ``await Agent.boot(board)`` to the
+channel connected, the device state loaded, the chunks restored and the clock set at the
+guest's prompt; then one ``true`` at the prompt. On smdkc210 there is no RAM copy: the stream
+carries RAM (docs/snapshots.md). Baseline: ``await Agent.boot(board)`` to the
 same point (QEMU's DTB dump, boot, the reservation check in the guest), measured in the same
 run. Both are closed after each run (not timed). Runs are interleaved (A B A B ...) because the
 machine is shared; figures are medians, the ratio is subject / baseline. Also reported: the
@@ -11,6 +12,7 @@ save (``agent.snapshot``) and the snapshot's size on disk. From the repo root:
 
     .venv/bin/python benchmarks/bench_restore.py              # 5 + 5 runs on virt
     .venv/bin/python benchmarks/bench_restore.py --runs 9 --board aquila
+    .venv/bin/python benchmarks/bench_restore.py --runs 3 --board smdkc210
 """
 
 from __future__ import annotations
