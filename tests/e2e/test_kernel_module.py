@@ -1,5 +1,5 @@
 """The cma_guest kernel module in a real guest: the /dev/cma ABI's error paths, mmap against
-the host's reads, chunks of a killed process, and no daemon (virt and smdkc210).
+the host's reads, chunks of a killed process, and no daemon (virt and smdkc210, both channel kinds).
 
 The guest program is tests/e2e/guest_programs/cma_dev_check.c, cross-compiled here and copied
 in with the same code as ``boot --put``; the module's daemon is ``cma-test -k``.
@@ -28,7 +28,11 @@ PROGRAM = Path(__file__).resolve().parent / "guest_programs" / "cma_dev_check.c"
 GUEST_PROGRAM = "/tmp/cma_dev_check"
 
 #: board -> (dev, kind) its map sends to a region, and that region's name
-DEVICES = {"virt": ("vpu", "dec", "video"), "smdkc210": ("s5p-mfc", "a", "mfc_b1")}
+DEVICES = {
+    "virt": ("vpu", "dec", "video"),
+    "smdkc210": ("s5p-mfc", "a", "mfc_b1"),
+    "smdkc210-net": ("s5p-mfc", "a", "mfc_b1"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +101,14 @@ def test_killed_process_gives_its_chunks_back(board: BoardSession, daemon: Daemo
         time.sleep(0.2)
     held = {addr for addr, _ in _chunks(out)}
     assert len(held) == 3 and held <= {c.start for c in board.agent.guest_chunks()}
-    kernel = f"guest:{board.agent.agent.port}/kernel"  # /dev/cma's chunks are the kernel's
-    assert {board.agent.chunk_at(addr).owner for addr in held} == {kernel}
+    # /dev/cma's chunks are the kernel's: its daemon's session's owner plus "/kernel" (on a net
+    # channel the daemon's connection is a session of its own, guest:net:N)
+    owner = re.escape(f"guest:{board.agent.agent.port}")
+    if board.agent.agent.board.channel.kind == "net":
+        owner += r":\d+"
+    owners = {str(board.agent.chunk_at(addr).owner) for addr in held}
+    assert len(owners) == 1, owners
+    assert re.fullmatch(owner + "/kernel", owners.pop()), owner
     board.guest.check(f"kill -9 {pid}")
     while held & {c.start for c in board.agent.guest_chunks()}:
         assert time.monotonic() < deadline + 30, "the killed process's chunks were not freed"
