@@ -11,20 +11,19 @@ checks that ``cma-qemu attach`` notices.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
-from machine_helpers import read_json
+from machine_helpers import PROMPT, STUB_PROMPT, HarnessQemu, read_json
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -37,8 +36,6 @@ pytestmark = [
 ]
 
 CLI = str(Path(sys.executable).with_name("cma-qemu"))
-PROMPT = "cma# "
-STUB_PROMPT = "cma-test> "
 BOARD = load_board("virt")
 RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
 
@@ -53,49 +50,14 @@ class Files:
 
 
 @dataclass
-class Qemu:
-    child: pexpect.spawn[str]
-    files: Files
-    control: Path  # the test's own QMP socket
-    attach: list[str]  # the `cma-qemu attach` command qemu-command printed
-
-    def expect(self, pattern: Any, timeout: float = 30) -> Any:
-        self.child.expect(pattern, timeout=timeout)
-        return self.child.match
-
-    def shell(self, cmd: str, timeout: float = 30) -> str:
-        """Run a command at the guest prompt; what it printed (echo and all)."""
-        self.child.sendline(cmd)
-        self.expect(PROMPT, timeout)
-        return str(self.child.before).replace("\r", "")
-
-    def stub_alloc(self, line: str) -> int:
-        """Start ``cma-test`` held open, allocate with ``line``; the chunk's start."""
-        self.child.sendline("cma-test")
-        self.expect(STUB_PROMPT)
-        self.child.sendline(line)
-        match = self.expect(r"1: 0x100000@(0x[0-9a-f]+)\r*\n")
-        self.expect(STUB_PROMPT)
-        return int(match.group(1), 16)
+class Qemu(HarnessQemu):
+    files: Files = field(kw_only=True)
+    attach: list[str] = field(kw_only=True)  # the `cma-qemu attach` command qemu-command printed
 
     def stub_send(self, line: str) -> str:
         self.child.sendline(line)
         self.expect(STUB_PROMPT)
         return str(self.child.before).replace("\r", "")
-
-    def stub_end(self) -> None:
-        """Ctrl-D: the stub frees its chunks and exits to the shell."""
-        self.child.send("\x04")
-        self.expect(PROMPT)
-
-    async def qmp(self, command: str) -> Any:
-        client = QMPClient("attach-test")
-        await client.connect(str(self.control))
-        try:
-            return await client.execute(command)
-        finally:
-            with contextlib.suppress(EOFError):  # after `quit` QEMU closes the socket first
-                await client.disconnect()
 
 
 def qemu_command(run: Path) -> dict[str, Any]:
@@ -117,7 +79,7 @@ def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
     control = run / "control.sock"
     argv = [*info["argv"], "-qmp", f"unix:{control},server=on,wait=off"]
     child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace")
-    q = Qemu(child, files, control, info["attach"])
+    q = Qemu(child, control, files=files, attach=info["attach"])
     try:
         assert q.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", 120).group(1) == "/dev/vport0p1"
         q.expect(PROMPT)

@@ -17,12 +17,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pexpect
 import pytest
+from machine_helpers import PROMPT, HarnessQemu
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -32,51 +33,16 @@ from cma_qemu.configuration import build_cma
 pytestmark = [pytest.mark.e2e]
 
 CLI = str(Path(sys.executable).with_name("cma-qemu"))
-PROMPT = "cma# "
-STUB_PROMPT = "cma-test> "
 BOARD = load_board("smdkc210-net")
 RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
 
 
 @dataclass
-class Qemu:
-    child: pexpect.spawn[str]
-    qmp_socket: Path
-    channel_socket: Path
-    control: Path  # the test's own QMP socket
-    attach: list[str]  # the `cma-qemu attach` command qemu-command printed
-
-    def expect(self, pattern: Any, timeout: float = 60) -> Any:
-        self.child.expect(pattern, timeout=timeout)
-        return self.child.match
-
-    def shell(self, cmd: str, timeout: float = 60) -> str:
-        self.child.sendline(cmd)
-        self.expect(PROMPT, timeout)
-        return str(self.child.before).replace("\r", "")
-
-    def stub_alloc(self, line: str) -> int:
-        """Start ``cma-test`` held open, allocate with ``line``; the chunk's start."""
-        self.child.sendline("cma-test")
-        self.expect(STUB_PROMPT)
-        self.child.sendline(line)
-        match = self.expect(r"1: 0x100000@(0x[0-9a-f]+)\r*\n")
-        self.expect(STUB_PROMPT)
-        return int(match.group(1), 16)
-
-    def stub_end(self) -> None:
-        """Ctrl-D: the stub frees its chunks and exits to the shell."""
-        self.child.send("\x04")
-        self.expect(PROMPT)
-
-    async def qmp(self, command: str) -> Any:
-        client = QMPClient("attach-net-test")
-        await client.connect(str(self.control))
-        try:
-            return await client.execute(command)
-        finally:
-            with contextlib.suppress(EOFError):  # after `quit` QEMU closes the socket first
-                await client.disconnect()
+class Qemu(HarnessQemu):
+    qmp_socket: Path = field(kw_only=True)
+    channel_socket: Path = field(kw_only=True)
+    attach: list[str] = field(kw_only=True)  # the `cma-qemu attach` command qemu-command printed
+    timeout: ClassVar[float] = 60
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +57,13 @@ def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
     control = run / "control.sock"
     argv = [*info["argv"], "-qmp", f"unix:{control},server=on,wait=off"]
     child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace")
-    q = Qemu(child, Path(info["qmp"]), channel, control, info["attach"])
+    q = Qemu(
+        child,
+        control,
+        qmp_socket=Path(info["qmp"]),
+        channel_socket=channel,
+        attach=info["attach"],
+    )
     try:
         ready = q.expect(r"cma-qemu: ready channel=(\S+?)\r*\n", 240).group(1)
         assert ready == BOARD.channel.name
