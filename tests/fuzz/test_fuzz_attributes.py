@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+from cma_helpers import allocator_registry
 from fuzzing import check_error, fuzz, no_hang, ram_spans
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,7 +66,9 @@ def test_boot_from_attributes(
     """``Cma.from_attributes`` (set_defaults, early reserve, init): a framework or one error."""
     try:
         with no_hang():
-            cma = Cma.from_attributes(regions, map_text, asterisk, ram=ram, keep_free=keep)
+            cma = Cma.from_attributes(
+                regions, map_text, asterisk, ram=ram, keep_free=keep, registry=allocator_registry()
+            )
     except CmaError as error:
         check_error(error)
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cma_helpers import allocator_registry
 from fuzzing import check_error, fuzz, no_hang, ram_spans
 from hypothesis import given
 from strategies import board_documents
@@ -48,7 +49,12 @@ def test_board_files_load_or_fail_with_one_line(board_path: Path, text: str) -> 
     try:
         with no_hang():
             cma = Cma.from_attributes(
-                board.regions, board.map, board.asterisk, ram=board.ram, keep_free=board.keep_free
+                board.regions,
+                board.map,
+                board.asterisk,
+                ram=board.ram,
+                keep_free=board.keep_free,
+                registry=allocator_registry(),
             )
     except CmaError as error:
         check_error(error)

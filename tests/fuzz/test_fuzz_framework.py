@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cma_helpers import allocator_registry
 from fuzzing import PROFILE, check_error, count_case, no_hang
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -43,7 +44,7 @@ class FrameworkMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cma = Cma()
+        self.cma = Cma(allocator_registry())  # replaced by boot(); no entry-point scan here
         self.refcounts: dict[int, int] = {}
         self.alignments: dict[int, int] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cma_helpers import allocator_registry
 from cma_helpers import cma_state as snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,9 @@ RAM = [(0x40000000, 0x20000000)]
 
 
 def make() -> tuple[Cma, GuestSession, int]:
-    cma = Cma.from_attributes(regions="a=1M;b=1M", map="dev/*=a", asterisk=None, ram=RAM)
+    cma = Cma.from_attributes(
+        regions="a=1M;b=1M", map="dev/*=a", asterisk=None, ram=RAM, registry=allocator_registry()
+    )
     session = GuestSession(cma, "guest:p")
     chunk = cma.alloc("dev", "", 4096, owner="guest:p")
     return cma, session, chunk.start

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import pytest
+from cma_helpers import allocator_registry
 from cma_helpers import cma_state as snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,7 +50,7 @@ def layouts(draw: st.DrawFn) -> list[tuple[str | None, int, int]]:
 
 
 def build(layout: list[tuple[str | None, int, int]], allocator: str) -> Cma:
-    cma = Cma()
+    cma = Cma(allocator_registry())
     for name, start, size in layout:
         region = cma.region_register(start, size, name=name)
         cma.set_region_allocator(region, allocator)
