@@ -96,6 +96,7 @@ def measure(target: str, profile: bool) -> tuple[int, float]:
     if profiler:
         stats = pstats.Stats(profiler, stream=sys.stdout)
         stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("cumulative").print_stats("cma_qemu|tests|json|asyncio", 40)
         stats.sort_stats("tottime").print_stats(25)
     return cases, cpu
 

@@ -8,9 +8,11 @@ prefix that random text rarely gets to.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from hypothesis import strategies as st
@@ -51,14 +53,28 @@ __all__ = [
 # Mutation
 
 
+# Strategies a draw uses are built once, here, not inside the draw: Hypothesis caches what
+# st.* builds from hashable arguments, but a list argument or an ``a | b`` makes a new object,
+# which it validates again on every draw (a fifth of a protocol case's CPU, measured).
+_TEXT_EDITS = st.sampled_from(["insert", "delete", "replace", "repeat", "cut"])
+_BYTE_EDITS = st.sampled_from(["insert", "delete", "replace", "cut"])
+_SPECIAL_BYTES = st.sampled_from([0x0A, 0xFF, 0x00, 0x22, 0x5C, 0x7B, 0x7D, 0x80, 0xC3])
+_BYTES = st.one_of(_SPECIAL_BYTES, st.integers(0, 255))
+
+
+@functools.cache
+def _edit_chars(alphabet: str) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(alphabet), st.characters(codec="utf-8"))
+
+
 @st.composite
 def mutated(draw: st.DrawFn, valid: st.SearchStrategy[str], alphabet: str) -> str:
     """A valid text with up to four edits; characters come from ``alphabet`` or anywhere."""
     text = draw(valid)
-    chars = st.one_of(st.sampled_from(alphabet), st.characters(codec="utf-8"))
+    chars = _edit_chars(alphabet)
     for _ in range(draw(st.integers(0, 4))):
         at = draw(st.integers(0, len(text)))
-        edit = draw(st.sampled_from(["insert", "delete", "replace", "repeat", "cut"]))
+        edit = draw(_TEXT_EDITS)
         if edit == "insert":
             text = text[:at] + draw(chars) + text[at:]
         elif edit == "delete":
@@ -77,11 +93,10 @@ def mutated(draw: st.DrawFn, valid: st.SearchStrategy[str], alphabet: str) -> st
 def mutated_bytes(draw: st.DrawFn, valid: st.SearchStrategy[bytes]) -> bytes:
     """Bytes with up to four edits (any byte value, newlines and 0xFF included)."""
     data = bytearray(draw(valid))
-    special = st.sampled_from([0x0A, 0xFF, 0x00, 0x22, 0x5C, 0x7B, 0x7D, 0x80, 0xC3])
-    byte = st.one_of(special, st.integers(0, 255))
+    byte = _BYTES
     for _ in range(draw(st.integers(0, 4))):
         at = draw(st.integers(0, len(data)))
-        edit = draw(st.sampled_from(["insert", "delete", "replace", "cut"]))
+        edit = draw(_BYTE_EDITS)
         if edit == "insert":
             data[at:at] = bytes([draw(byte)])
         elif edit == "delete":
@@ -105,6 +120,12 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
 # Attributes
 
 REGION_NAMES = ["a", "b", "c", "video", "fw", "a-b", "ä"]
+_REGION_NAMES = st.sampled_from(REGION_NAMES)
+_REGION_SIZES = st.sampled_from(["4K", "64K", "1M", "2M", "0x3000", "8M", "12345"])
+_REGION_STARTS = st.sampled_from(["0x40000000", "0x40800000", "0x41000000", "0"])
+_REGION_ALIGNMENTS = st.sampled_from(["0", "4K", "64K", "1M", "0x2000"])
+_REGION_ALLOCATORS = st.sampled_from(["bf", "bitmap", "nosuch"])
+_REGIONS_ENDS = st.sampled_from(["", ";"])
 
 
 @st.composite
@@ -112,17 +133,17 @@ def placeable_regions(draw: st.DrawFn) -> str:
     """A regions attribute that often fits a small RAM (sizes of pages to a few MiB)."""
     parts = []
     for _ in range(draw(st.integers(0, 5))):
-        name = draw(st.sampled_from(REGION_NAMES))
+        name = draw(_REGION_NAMES)
         part = ("-" if draw(st.booleans()) else "") + name
-        part += "=" + draw(st.sampled_from(["4K", "64K", "1M", "2M", "0x3000", "8M", "12345"]))
+        part += "=" + draw(_REGION_SIZES)
         if draw(st.booleans()):
-            part += "@" + draw(st.sampled_from(["0x40000000", "0x40800000", "0x41000000", "0"]))
+            part += "@" + draw(_REGION_STARTS)
         if draw(st.booleans()):
-            part += "/" + draw(st.sampled_from(["0", "4K", "64K", "1M", "0x2000"]))
+            part += "/" + draw(_REGION_ALIGNMENTS)
         if draw(st.integers(0, 3)) == 0:
-            part += ":" + draw(st.sampled_from(["bf", "bitmap", "nosuch"]))
+            part += ":" + draw(_REGION_ALLOCATORS)
         parts.append(part)
-    return ";".join(parts) + draw(st.sampled_from(["", ";"]))
+    return ";".join(parts) + draw(_REGIONS_ENDS)
 
 
 _formatted_regions = st.lists(region_specs(), max_size=4).map(lambda s: format_regions(tuple(s)))
@@ -149,7 +170,7 @@ map_texts = st.one_of(
     st.text(max_size=30),
 )
 
-_formatted_asterisks = st.lists(st.one_of(names, st.sampled_from(REGION_NAMES)), max_size=4).map(
+_formatted_asterisks = st.lists(st.one_of(names, _REGION_NAMES), max_size=4).map(
     lambda n: format_asterisk(tuple(n))
 )
 #: Asterisk attributes: valid ones, their mutants, and garbage.
@@ -340,25 +361,42 @@ _guest_values = st.one_of(
 )
 
 
+_ids = st.one_of(st.integers(-(2**64), 2**65), json_values)
+_extra_keys = st.text(max_size=4)
+
+
+@functools.cache
+def _commands(commands: tuple[str, ...]) -> st.SearchStrategy[Any]:
+    return st.sampled_from(commands) | st.text(max_size=8) | _junk
+
+
 @st.composite
-def _requests(draw: st.DrawFn, commands: list[str], addresses: list[int]) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "execute": draw(st.sampled_from(commands) | st.text(max_size=8) | _junk)
-    }
+def _requests(draw: st.DrawFn, commands: Sequence[str], addresses: Sequence[int]) -> dict[str, Any]:
+    request: dict[str, Any] = {"execute": draw(_commands(tuple(commands)))}
     if draw(st.integers(0, 7)):
         arguments = draw(st.dictionaries(_guest_argument_names, _guest_values, max_size=4))
         if addresses and draw(st.booleans()):
             arguments["addr"] = draw(st.sampled_from(addresses))
         request["arguments"] = arguments
     if draw(st.booleans()):
-        request["id"] = draw(st.one_of(st.integers(-(2**64), 2**65), json_values))
+        request["id"] = draw(_ids)
     if draw(st.integers(0, 15)) == 0:
-        request[draw(st.text(max_size=4))] = draw(_junk)
+        request[draw(_extra_keys)] = draw(_junk)
     return request
 
 
-def json_lines(commands: list[str], addresses: list[int]) -> st.SearchStrategy[bytes]:
+# The three below are built from their arguments inside a test (the addresses a fresh framework
+# handed out), so they are cached: a new strategy object per case costs Hypothesis its
+# validation and its recursive-strategy analysis again, more than a guest session's checks.
+
+
+def json_lines(commands: Sequence[str], addresses: Sequence[int]) -> st.SearchStrategy[bytes]:
     """One request as JSON text (no newline): well-formed, mutated or any bytes."""
+    return _json_lines(tuple(commands), tuple(addresses))
+
+
+@functools.cache
+def _json_lines(commands: tuple[str, ...], addresses: tuple[int, ...]) -> st.SearchStrategy[bytes]:
     valid = _requests(commands, addresses).map(lambda r: json.dumps(r).encode())
     return st.one_of(
         valid,
@@ -369,12 +407,20 @@ def json_lines(commands: list[str], addresses: list[int]) -> st.SearchStrategy[b
     )
 
 
-def guest_streams(addresses: list[int]) -> st.SearchStrategy[bytes]:
+_GUEST_FILLERS = st.sampled_from([b"\n", b"\r\n", b"\xff", b"\xff\n", b"   \n"])
+
+
+def guest_streams(addresses: Sequence[int]) -> st.SearchStrategy[bytes]:
     """What a guest might write to its port: request lines, blank lines, resync bytes, junk."""
+    return _guest_streams(tuple(addresses))
+
+
+@functools.cache
+def _guest_streams(addresses: tuple[int, ...]) -> st.SearchStrategy[bytes]:
     line = json_lines(list(GUEST_COMMANDS), addresses)
     piece = st.one_of(
         line.map(lambda b: b + b"\n"),
-        st.sampled_from([b"\n", b"\r\n", b"\xff", b"\xff\n", b"   \n"]),
+        _GUEST_FILLERS,
         st.binary(max_size=20),
     )
     return st.lists(piece, max_size=6).map(b"".join)
@@ -411,32 +457,47 @@ SAFE_CLASSES = [
 ]
 
 
+_safe_classes = st.sampled_from(SAFE_CLASSES)
+_MONITOR_ARGUMENTS = {
+    "map": map_texts,
+    "asterisk": asterisk_texts,
+    "holes": st.booleans() | _junk,
+    "enable": st.lists(st.text(max_size=5), max_size=2) | _junk,
+    "class": _safe_classes,
+}
+_monitor_argument_names = st.lists(st.sampled_from(sorted(_MONITOR_ARGUMENTS)), max_size=2)
+_read_sizes = st.sampled_from([0, 1, 4096, 16 << 20, (16 << 20) + 1])
+
+
+@functools.cache
+def _monitor_shapes(addresses: tuple[int, ...]) -> st.SearchStrategy[dict[str, Any]]:
+    return _requests(tuple(MONITOR_COMMANDS), addresses)
+
+
 @st.composite
-def monitor_requests(draw: st.DrawFn, addresses: list[int]) -> dict[str, Any]:
+def monitor_requests(draw: st.DrawFn, addresses: Sequence[int]) -> dict[str, Any]:
     """A monitor request: the guest's shapes plus the monitor's own arguments."""
-    request = draw(_requests(MONITOR_COMMANDS, addresses))
+    request = draw(_monitor_shapes(tuple(addresses)))
     arguments = request.get("arguments")
     if isinstance(arguments, dict):
-        extra = {
-            "map": map_texts,
-            "asterisk": asterisk_texts,
-            "holes": st.booleans() | _junk,
-            "enable": st.lists(st.text(max_size=5), max_size=2) | _junk,
-            "class": st.sampled_from(SAFE_CLASSES),
-        }
-        for name in draw(st.lists(st.sampled_from(sorted(extra)), max_size=2)):
-            arguments[name] = draw(extra[name])
+        for name in draw(_monitor_argument_names):
+            arguments[name] = draw(_MONITOR_ARGUMENTS[name])
         if request.get("execute") == "cma-read" and draw(st.booleans()):
-            arguments["size"] = draw(st.sampled_from([0, 1, 4096, 16 << 20, (16 << 20) + 1]))
+            arguments["size"] = draw(_read_sizes)
     if isinstance(arguments, dict) and (
         "class" in arguments or request.get("execute") == "cma-allocator-register"
     ):
-        arguments["class"] = draw(st.sampled_from(SAFE_CLASSES))
+        arguments["class"] = draw(_safe_classes)
     return request
 
 
-def monitor_lines(addresses: list[int]) -> st.SearchStrategy[bytes]:
+def monitor_lines(addresses: Sequence[int]) -> st.SearchStrategy[bytes]:
     """A monitor request line: generated, mutated (but never naming another class), or junk."""
+    return _monitor_lines(tuple(addresses))
+
+
+@functools.cache
+def _monitor_lines(addresses: tuple[int, ...]) -> st.SearchStrategy[bytes]:
     valid = monitor_requests(addresses).map(lambda r: json.dumps(r).encode())
     junk = st.one_of(mutated_bytes(valid), st.binary(max_size=40), json_lines(["x"], addresses))
     return st.one_of(valid, valid, junk.filter(lambda b: b"cma-allocator-register" not in b))
