@@ -53,6 +53,7 @@ DEMO_SESSIONS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 DEMO_SESSIONS["goni"] = DEMO_SESSIONS["aquila"]
+DEMO_SESSIONS["smdkc210-uart"] = DEMO_SESSIONS["smdkc210"]  # the same layout, the UART channel
 
 
 @dataclass

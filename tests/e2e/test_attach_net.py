@@ -1,4 +1,4 @@
-"""Attaching to a net-channel QEMU a harness started: ``cma-qemu qemu-command smdkc210-net``
+"""Attaching to a net-channel QEMU a harness started: ``cma-qemu qemu-command smdkc210``
 then ``Agent.attach`` and ``cma-qemu attach``.
 
 A net channel has no QEMU chardev: QEMU's guestfwd runs ``socat - UNIX-CONNECT:DIR/channel.sock``
@@ -33,7 +33,7 @@ from cma_qemu.configuration import build_cma
 pytestmark = [pytest.mark.e2e]
 
 CLI = str(Path(sys.executable).with_name("cma-qemu"))
-BOARD = load_board("smdkc210-net")
+BOARD = load_board("smdkc210")  # its default channel is the net one
 RESERVATIONS = [(r.name, r.start, r.size) for r in build_cma(board=BOARD).regions]
 
 

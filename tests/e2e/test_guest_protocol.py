@@ -22,8 +22,10 @@ pytestmark = pytest.mark.e2e
 _GARBAGE = "/tmp/garbage.bin"
 
 
-# On smdkc210 the agent meters its writes by the UART's receive FIFO level (FifoGate) and may
-# send a blank line to wake a receiver that missed its interrupt: blank lines are not replies.
+# On smdkc210-uart the agent meters its writes by the UART's receive FIFO level (FifoGate) and
+# may send a blank line to wake a receiver that missed its interrupt: blank lines are not
+# replies. The test below needs the UART: its shell opens the channel device as fd 3, and
+# smdkc210's default channel is a TCP address, not a device.
 
 
 def _talk(guest: Any, steps: list[tuple[str, int]], timeout: int = 20) -> list[dict[str, Any]]:
@@ -225,7 +227,7 @@ def before_video(stats: list[Any]) -> Any:
 
 
 def test_garbage_then_valid_requests_on_the_uart(cma_boot: Any) -> None:
-    session: BoardSession = cma_boot("smdkc210")
+    session: BoardSession = cma_boot("smdkc210-uart")
     agent, guest = session.agent, session.guest
     session.agent.release_leftovers()
     before = _stats(session)

@@ -1,7 +1,8 @@
 """Serving guest allocations end to end: a guest allocates, writes, the host checks the bytes.
 
-The shared virt board (``cma_board``) and one smdkc210 boot (UART channel, pmemsave reads)
-serve held ``cma-test`` sessions; the same scripts run in the guest and through
+The shared virt board (``cma_board``) and one boot of each smdkc210 board (``smdkc210``, whose
+default channel is the net one, and ``smdkc210-uart``; pmemsave reads) serve held ``cma-test``
+sessions; the same scripts run in the guest and through
 ``cma-qemu replay`` must print the same bytes; a guest reset gives a running stub's chunks back.
 """
 
@@ -98,11 +99,11 @@ def _owner_pattern(session: BoardSession) -> str:
     return owner + r":\d+" if session.agent.agent.board.channel.kind == "net" else owner
 
 
-@pytest.mark.parametrize("board", ["virt", "smdkc210", "smdkc210-net"], indirect=True)
+@pytest.mark.parametrize("board", ["virt", "smdkc210", "smdkc210-uart"], indirect=True)
 def test_guest_chunks_checked_from_host_and_guest(board: BoardSession) -> None:
     agent, guest = board.agent, board.guest
     owner = _owner_pattern(board)
-    plan = PLANS[agent.board_name.removesuffix("-net")]
+    plan = PLANS[agent.board_name.removesuffix("-uart")]
     held: list[tuple[int, Any, int]] = []  # (id, chunk, pattern)
     with guest.stub() as stub:
         say = Held(stub, agent.board_name)
@@ -165,10 +166,10 @@ def _script(board: str) -> str:
     return (DATA / f"guest_{board}.txt").read_text().rstrip("\n")
 
 
-@pytest.mark.parametrize("board", ["virt", "aquila", "smdkc210"], indirect=True)
+@pytest.mark.parametrize("board", ["virt", "aquila", "smdkc210", "smdkc210-uart"], indirect=True)
 def test_script_in_guest_equals_replay(board: BoardSession, tmp_path: Path) -> None:
     name = board.agent.board_name
-    text = _script(name)
+    text = _script(name.removesuffix("-uart"))  # smdkc210's two channels: one script
     assert not text.endswith("\n") and any(len(line) > 1023 for line in text.splitlines())
 
     guest = board.guest.run_script(text)

@@ -1,5 +1,6 @@
 """The cma_guest kernel module in a real guest: the /dev/cma ABI's error paths, mmap against
-the host's reads, chunks of a killed process, and no daemon (virt and smdkc210, both channel kinds).
+the host's reads, chunks of a killed process, and no daemon (virt, and smdkc210 on both channel
+kinds: ``smdkc210``'s default net channel and ``smdkc210-uart``).
 
 The guest program is tests/e2e/guest_programs/cma_dev_check.c, cross-compiled here and copied
 in with the same code as ``boot --put``; the module's daemon is ``cma-test -k``.
@@ -31,7 +32,7 @@ GUEST_PROGRAM = "/tmp/cma_dev_check"
 DEVICES = {
     "virt": ("vpu", "dec", "video"),
     "smdkc210": ("s5p-mfc", "a", "mfc_b1"),
-    "smdkc210-net": ("s5p-mfc", "a", "mfc_b1"),
+    "smdkc210-uart": ("s5p-mfc", "a", "mfc_b1"),
 }
 
 

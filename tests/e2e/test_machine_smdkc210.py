@@ -1,5 +1,6 @@
-"""One smdkc210 boot: reservations honoured in a DTB QEMU did not make, UART channel,
-pmemsave reads, and the loader rules on a second board."""
+"""One boot of each smdkc210 board (``smdkc210``, the net channel, and ``smdkc210-uart``):
+reservations honoured in a DTB QEMU did not make, the channel, pmemsave reads, and the loader
+rules on a second machine."""
 
 from __future__ import annotations
 
@@ -25,24 +26,30 @@ MiB = 1 << 20
 RESERVATIONS = [("fimc", 0x60000000, 16 * MiB), (None, 0x62000000, MiB)]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def smdk() -> AsyncIterator[Machine]:
-    b = board("smdkc210")
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["smdkc210", "smdkc210-uart"])
+async def smdk(request: pytest.FixtureRequest) -> AsyncIterator[Machine]:
+    b = board(request.param)
     async with Machine(b, RESERVATIONS, image=guest_image(b.kernel_flavour)) as m:
-        print(f"\nsmdkc210: ready marker after {m.boot_time:.2f} s through Machine")
+        print(f"\n{b.name}: ready marker after {m.boot_time:.2f} s through Machine")
         yield m
 
 
-async def test_holes_and_uart_channel(smdk: Machine) -> None:
+async def test_holes_and_channel(smdk: Machine) -> None:
     iomem, _ = await smdk.console.run("cat /proc/iomem")
     ram = system_ram(parse_iomem(iomem))
     for _, start, size in RESERVATIONS:
         assert not any(e.overlaps(start, size) for e in ram)
     assert any(e.end == 0x60000000 for e in ram) and any(e.start == 0x61000000 for e in ram)
     assert any(e.start == 0x62100000 for e in ram)
-    assert smdk.guest_channel == "/dev/ttySAC1"
-    dev = await find_channel_chardev(smdk.qmp, smdk.channel_path, board("smdkc210"))
-    assert dev.label == "cma0"
+    assert smdk.guest_channel == smdk.board.channel.name
+    if smdk.board.channel.kind == "uart":
+        assert smdk.guest_channel == "/dev/ttySAC1"
+        dev = await find_channel_chardev(smdk.qmp, smdk.channel_path, smdk.board)
+        assert dev.label == "cma0"
+    else:  # smdkc210's default: the LAN9215, up at the guest's user-network address
+        assert smdk.board.channel.kind == "net"
+        out, status = await smdk.console.run("ifconfig eth0")
+        assert status == 0 and "inet addr:10.0.2.15" in out, out
 
 
 async def test_pmemsave_reads_what_the_guest_wrote(smdk: Machine) -> None:

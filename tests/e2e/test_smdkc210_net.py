@@ -1,31 +1,27 @@
-"""smdkc210's net channel (board ``smdkc210-net``): the stub reaches the agent over the board's
-LAN9215 and QEMU's user network, one TCP connection per stub.
+"""smdkc210's default channel, the net one: the stub reaches the agent over the board's LAN9215
+and QEMU's user network, one TCP connection per stub.
 
-The guest's output equals ``cma-qemu replay``'s; every stub is a session of its own
-(``guest:net:N``); a SIGKILLed stub's connection closes and its chunks come back; the device
-tree and the kernel show the NIC. The UART kind keeps its own tests (the ``smdkc210`` board in
-test_guest_sessions.py, test_guest_protocol.py and the others).
+Every stub is a session of its own (``guest:net:N``); a SIGKILLed stub's connection closes and
+its chunks come back; the device tree and the kernel show the NIC. That the guest's output
+equals ``cma-qemu replay``'s is checked on both smdkc210 boards in test_guest_sessions.py; the
+UART kind (board ``smdkc210-uart``) keeps its own tests there, in test_guest_protocol.py,
+test_machine_smdkc210.py, test_kernel_module.py and test_snapshot_smdkc210.py.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cma_qemu.boards import load_board
-from cma_qemu.configuration import build_cma
 from cma_qemu.framework import Chunk
 from cma_qemu.pytest_plugin import BoardSession
-from cma_qemu.replay import replay
 
 pytestmark = pytest.mark.e2e
 
-BOARD = "smdkc210-net"
-DATA = Path(__file__).resolve().parent.parent / "data"
+BOARD = "smdkc210"
 
 
 @pytest.fixture
@@ -71,18 +67,8 @@ def _hold(board: BoardSession, name: str, lines: str) -> int:
     return pid
 
 
-def test_guest_equals_replay_over_net(board: BoardSession) -> None:
-    assert board.agent.agent.board.channel.kind == "net"
-    text = (DATA / "guest_smdkc210.txt").read_text().rstrip("\n")
-    guest = board.guest.run_script(text)
-    offline = replay(text, build_cma(board=load_board(BOARD)))
-    assert guest.stdout == offline.stdout
-    assert guest.stderr == offline.stderr
-    assert guest.stdout.count("\n") > 10 and "ENOMEM" in guest.stderr  # not vacuous
-    assert board.agent.cma.chunks == []
-
-
 def test_two_stubs_are_two_sessions_and_sigkill_releases(board: BoardSession) -> None:
+    assert board.agent.agent.board.channel.kind == "net"  # smdkc210's default
     first = _hold(board, "a", "alloc s5p-mfc/a 1M\\nalloc g2d 64K\\n")
     second = _hold(board, "b", "alloc s5p-mfc/b 128K\\n")
     owners = _owners(board)

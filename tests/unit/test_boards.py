@@ -27,7 +27,7 @@ def _shipped_boards_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_all_shipped_boards_load() -> None:
     boards = list_boards()
-    assert [b.name for b in boards] == ["aquila", "goni", "smdkc210", "smdkc210-net", "virt"]
+    assert [b.name for b in boards] == ["aquila", "goni", "smdkc210", "smdkc210-uart", "virt"]
     for board in boards:
         assert isinstance(board, Board)
         assert board.path.name == f"{board.name}.toml"
@@ -65,13 +65,29 @@ def test_goni() -> None:
     assert (board.regions, board.map, board.asterisk) == (SEED_REGIONS, SEED_MAP, None)
 
 
-def test_smdkc210() -> None:
+def test_smdkc210_defaults_to_the_net_channel() -> None:
     board = load_board("smdkc210")
     assert board.machine_type == "smdkc210" and board.cpu is None
     assert board.kernel_flavour == "armmp" and board.console == "ttySAC0"
     assert board.ram == (RamBank(0x40000000, 1 << 30),)
-    assert (board.channel.kind, board.channel.name) == ("uart", "/dev/ttySAC1")
+    assert (board.channel.kind, board.channel.name) == ("net", "tcp:10.0.2.100:1234")
+    assert board.channel.rx_fifo_status is None  # no FifoGate on the net channel
     assert board.memory_access == "pmemsave"
+
+
+def test_smdkc210_uart() -> None:
+    board, net = load_board("smdkc210-uart"), load_board("smdkc210")
+    assert board.machine_type == "smdkc210" and board.cpu is None
+    assert (board.channel.kind, board.channel.name) == ("uart", "/dev/ttySAC1")
+    assert board.channel.rx_fifo_status == 0x13810018 and board.channel.rx_fifo_size == 64
+    assert board.memory_access == "pmemsave"
+    # the same machine and CMA layout; only the channel differs
+    assert (board.ram, board.keep_free, board.regions, board.map) == (
+        net.ram,
+        net.keep_free,
+        net.regions,
+        net.map,
+    )
 
 
 def test_load_by_path() -> None:
@@ -87,7 +103,7 @@ def test_unknown_board_lists_known_ones() -> None:
         load_board("nosuch")
     assert (
         str(info.value)
-        == "no board named 'nosuch' (known: aquila, goni, smdkc210, smdkc210-net, virt)"
+        == "no board named 'nosuch' (known: aquila, goni, smdkc210, smdkc210-uart, virt)"
     )
 
 
@@ -146,7 +162,7 @@ def test_good_template_loads(boards_dir: Path) -> None:
         "aquila",
         "goni",
         "smdkc210",
-        "smdkc210-net",
+        "smdkc210-uart",
         "test",
         "virt",
     ]
@@ -160,7 +176,7 @@ def test_env_dir_wins_over_shipped(boards_dir: Path) -> None:
 
 def test_unknown_board_lists_env_boards(boards_dir: Path) -> None:
     write(boards_dir, GOOD, "mine")
-    with pytest.raises(ENOENT, match=r"known: aquila, goni, mine, smdkc210, smdkc210-net, virt"):
+    with pytest.raises(ENOENT, match=r"known: aquila, goni, mine, smdkc210, smdkc210-uart, virt"):
         load_board("nosuch")
 
 

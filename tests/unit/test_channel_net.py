@@ -196,7 +196,7 @@ class _Stop(Exception):
     """Raised where attach opens guest memory: the test needs no further."""
 
 
-@pytest.mark.parametrize(("board_name", "looks_up"), [("smdkc210-net", False), ("smdkc210", True)])
+@pytest.mark.parametrize(("board_name", "looks_up"), [("smdkc210", False), ("smdkc210-uart", True)])
 async def test_attach_looks_up_a_chardev_only_when_qemu_serves_the_channel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, board_name: str, looks_up: bool
 ) -> None:

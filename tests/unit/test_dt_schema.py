@@ -1,16 +1,18 @@
 """Every board's patched device tree passes dtschema's ``dt-validate`` (no boot needed).
 
 The DTB is built the way ``Machine`` builds it before a launch: QEMU's own tree
-(``dumpdtb``) on the virt boards, the guest image's Exynos tree on smdkc210 (with the UARTs'
-DMA dropped), then one ``/reserved-memory`` child per region the board file places.
+(``dumpdtb``) on the virt boards, the guest image's Exynos tree on the smdkc210 boards (with
+the UARTs' DMA dropped, and on ``smdkc210``, whose channel is the net one, the LAN9215's node
+added), then one ``/reserved-memory`` child per region the board file places.
 
-Two runs, each over all four DTBs:
+Two runs, each over all five DTBs:
 
 * with ``-l reserved-memory`` (only the reserved-memory bindings, ``shared-dma-pool.yaml``
   among them): no report at all, nothing filtered;
 * with every schema dtschema ships: what is left after :data:`NO_BINDING` must be empty.
-  Those filters cover only nodes the agent does not write (QEMU's or the kernel's own), for
-  bindings that live in the Linux tree rather than in dtschema, so dtschema cannot type them.
+  Those filters cover only nodes the agent does not write (QEMU's or the kernel's own) and
+  two untyped properties of the NIC node it adds on smdkc210, for bindings that live in the
+  Linux tree rather than in dtschema, so dtschema cannot type them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cma_qemu.configuration import build_cma
 from cma_qemu.guest_image import find_guest
 from cma_qemu.machine.devicetree import (
     RESERVED_MEMORY,
+    add_lan9118,
     add_reserved_memory,
     drop_uart_dma,
     dump_qemu_dtb,
@@ -37,7 +40,7 @@ from cma_qemu.machine.devicetree import (
 )
 from cma_qemu.machine.launch import console_device, machine_args
 
-BOARDS = ["virt", "aquila", "goni", "smdkc210"]
+BOARDS = ["virt", "aquila", "goni", "smdkc210", "smdkc210-uart"]
 #: Installed with the package's ``test`` extra, next to this interpreter.
 DT_VALIDATE = Path(sys.executable).with_name("dt-validate")
 
@@ -60,11 +63,13 @@ NO_BINDING: dict[str, list[NoBinding]] = {
         NoBinding("^/gpio-keys/poweroff$", UNTYPED, "QEMU's gpio-keys: binding is in Linux"),
         NoBinding("^/flash@0$", UNTYPED, "QEMU's cfi-flash: mtd bindings are in Linux"),
     ],
-    "smdkc210": [
+    "smdkc210-uart": [
         # The whole tree is Debian's exynos4210-smdkv310.dtb (the kernel's, not ours): the
         # Samsung, thermal, pinctrl, keypad, cache and CPU bindings all live in Linux.
         NoBinding(
-            r"^/(?!reserved-memory(/|$))", UNTYPED, "the kernel's Exynos nodes: Linux bindings"
+            r"^/(?!reserved-memory(/|$)|soc/ethernet@)",
+            UNTYPED,
+            "the kernel's Exynos nodes: Linux bindings",
         ),
         NoBinding(
             "^/soc$",
@@ -79,6 +84,16 @@ NO_BINDING: dict[str, list[NoBinding]] = {
     ],
 }
 NO_BINDING["aquila"] = NO_BINDING["goni"] = NO_BINDING["virt"]
+#: smdkc210 (net channel): the same tree plus the agent's LAN9215 node, whose
+#: ``smsc,lan9115`` and ``ethernet-controller`` bindings live in Linux too.
+NO_BINDING["smdkc210"] = [
+    *NO_BINDING["smdkc210-uart"],
+    NoBinding(
+        "^/soc/ethernet@5000000$",
+        r"^b'(mii|RT).*' is not of type",
+        "the LAN9215's phy-mode and local-mac-address: ethernet-controller binding is in Linux",
+    ),
+]
 Report = dict[str, object]
 
 
@@ -99,6 +114,8 @@ def board_dtb(board: Board) -> tuple[bytes, list[tuple[str | None, int, int]]]:
             match = re.fullmatch(r"/dev/tty[A-Za-z]*?(\d+)", device)
             assert match is not None, device
             dtb = drop_uart_dma(dtb, int(match[1]))
+        if board.channel.kind == "net":
+            dtb = add_lan9118(dtb)
     return add_reserved_memory(dtb, reservations), reservations
 
 

@@ -69,7 +69,7 @@ def test_boards_json(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = cli(capsys, "boards", "--json")
     assert (status, err) == (0, "")
     boards = {b["name"]: b for b in json.loads(out)}
-    assert sorted(boards) == ["aquila", "goni", "smdkc210", "smdkc210-net", "virt"]
+    assert sorted(boards) == ["aquila", "goni", "smdkc210", "smdkc210-uart", "virt"]
     goni = boards["goni"]
     assert set(goni) == {
         "name",
@@ -91,7 +91,9 @@ def test_boards_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert goni["regions"] == "-mfc_fw=1M/128K;mfc_b1=32M;mfc_b2=16M@0x44000000"
     assert goni["asterisk"] is None
     assert boards["smdkc210"]["machine"] == "smdkc210"
-    assert boards["smdkc210"]["channel"]["kind"] == "uart"
+    assert boards["smdkc210"]["channel"] == {"kind": "net", "name": "tcp:10.0.2.100:1234"}
+    assert boards["smdkc210-uart"]["machine"] == "smdkc210"
+    assert boards["smdkc210-uart"]["channel"]["kind"] == "uart"
 
 
 def test_boards_bad_env_file(
@@ -299,7 +301,7 @@ MISTAKES = [
     (
         ["--board", "nosuch"],
         "ENOENT",
-        ["no board named 'nosuch'", "aquila, goni, smdkc210, smdkc210-net, virt"],
+        ["no board named 'nosuch'", "aquila, goni, smdkc210, smdkc210-uart, virt"],
     ),
     (["--board", "aquila", "--allocator", "nosuch"], "EINVAL", ["'nosuch'", "bf, bitmap"]),
     (["--board", "aquila", "--allocator", "bf", "--allocator", "nope"], "EINVAL", ["'nope'"]),
