@@ -34,7 +34,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from cma_qemu.boards import Board, load_board
 from cma_qemu.configuration import build_cma
-from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT, EOPNOTSUPP, CmaError, from_os_error
+from cma_qemu.errors import (
+    EBUSY,
+    EINVAL,
+    EIO,
+    ENODEV,
+    ENOENT,
+    EOPNOTSUPP,
+    CmaError,
+    from_os_error,
+)
 from cma_qemu.framework import Cma
 from cma_qemu.guest_image import find_guest
 from cma_qemu.machine.launch import QEMU, Machine, uses_ram_file
@@ -132,6 +141,7 @@ def _key(board: Board, attributes: dict[str, Any], cma: Cma, dtb_sha: str) -> di
         **attributes,
         "qemu": qemu_version(),
         "machine": board.machine_type,
+        "channel": board.channel.kind,  # smdkc210's net and UART boards share a machine
         "layout": _layout(cma),
         "kernel": file_sha256(Path(image.kernel)),
         "initrd": file_sha256(Path(image.initrd)),
@@ -151,11 +161,23 @@ async def snapshot_agent(agent: Agent, path: Path) -> SnapshotInfo:
     The guest is stopped, requests it sent before are answered (the stop halts new ones),
     its device state and RAM are copied, and it runs on. Cost on virt: one migration (tens
     of ms) plus the RAM pages in use; on smdkc210 one migration carrying RAM (about 0.5 s).
+
+    EBUSY on a net channel while a guest connection holds chunks: the connection is joined to
+    a ``socat`` QEMU started on the host, which a restored QEMU does not have, so the guest
+    program's connection is reset and its chunks would have no session to free them. A UART
+    or virtio-serial channel's held session survives (``smdkc210-uart``, docs/snapshots.md).
     """
     machine = agent.machine
     if not isinstance(machine, Machine):
         raise EOPNOTSUPP("only a machine this agent launched can be saved", where="snapshot")
     board = agent.board
+    if board.channel.kind == "net" and (held := agent.chunks_of_guest()):
+        owners = ", ".join(sorted({str(c.owner) for c in held}))
+        raise EBUSY(
+            f"{len(held)} chunk(s) held by guest net connections ({owners}): a TCP session "
+            "does not survive a restore; free them first, or use a UART board (smdkc210-uart)",
+            where="snapshot",
+        )
     ram_path = machine.ram_path  # None: the RAM goes in the migration stream (smdkc210)
     assert machine.files is not None
     path = Path(path)
