@@ -67,16 +67,24 @@ def _fits(spec: RegionSpec) -> bool:
     return start + size <= 1 << 64
 
 
+# (Strategies a composite draws from are built once: ``a | b`` inside it is a new object per
+# draw, which Hypothesis validates again every time; the fuzz targets draw these 100,000 times.)
+_asterisk_names = names.filter(lambda n: not n.startswith("-"))
+_starts = st.none() | memsizes
+_alignments = st.none() | _power_of_two()
+_allocators = st.none() | alloc_names
+
+
 @st.composite
 def region_specs(draw: st.DrawFn) -> RegionSpec:
     in_asterisk = draw(st.booleans())
-    name = draw(names.filter(lambda n: not n.startswith("-")) if in_asterisk else names)
+    name = draw(_asterisk_names if in_asterisk else names)
     spec = RegionSpec(
         name=name,
         size=draw(memsizes),
-        start=draw(st.none() | memsizes),
-        alignment=draw(st.none() | _power_of_two()),
-        allocator=draw(st.none() | alloc_names),
+        start=draw(_starts),
+        alignment=draw(_alignments),
+        allocator=draw(_allocators),
         in_asterisk=in_asterisk,
     )
     if not _fits(spec):
@@ -95,19 +103,24 @@ def parts(chars: st.SearchStrategy[str] | str) -> st.SearchStrategy[str]:
     return st.tuples(body, st.booleans()).map(lambda t: t[0] + ("*" if t[1] or not t[0] else ""))
 
 
-@st.composite
-def maps(draw: st.DrawFn, part: st.SearchStrategy[str], name: st.SearchStrategy[str]) -> Map:
-    rules: list[MapRule] = []
-    for rule_index in range(draw(st.integers(1, 5))):
-        patterns: list[Pattern] = []
-        for pattern_index in range(draw(st.integers(1, 3))):
-            first = rule_index == 0 and pattern_index == 0
-            dev = draw(part) if first else draw(st.none() | part)
-            kind = draw(part) if dev is None else draw(st.none() | part)
-            patterns.append(Pattern(dev, kind))
-        regions = draw(st.none() | st.lists(name, max_size=3).map(tuple))
-        rules.append(MapRule(tuple(patterns), regions))
-    return Map(tuple(rules))
+def maps(part: st.SearchStrategy[str], name: st.SearchStrategy[str]) -> st.SearchStrategy[Map]:
+    optional_part = st.none() | part
+    region_lists = st.none() | st.lists(name, max_size=3).map(tuple)
+
+    @st.composite
+    def draw_map(draw: st.DrawFn) -> Map:
+        rules: list[MapRule] = []
+        for rule_index in range(draw(st.integers(1, 5))):
+            patterns: list[Pattern] = []
+            for pattern_index in range(draw(st.integers(1, 3))):
+                first = rule_index == 0 and pattern_index == 0
+                dev = draw(part) if first else draw(optional_part)
+                kind = draw(part) if dev is None else draw(optional_part)
+                patterns.append(Pattern(dev, kind))
+            rules.append(MapRule(tuple(patterns), draw(region_lists)))
+        return Map(tuple(rules))
+
+    return draw_map()
 
 
 small_maps = maps(parts(SMALL_PART_CHARS), st.sampled_from(["r1", "r2", "r3"]))
