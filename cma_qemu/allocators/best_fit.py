@@ -1,23 +1,36 @@
 """The best-fit allocator of the 2010 patch set (``mm/cma-best-fit.c``, name ``"bf"``).
 
 The algorithm is described in docs/semantics.md ("Best fit"), with the intended fix: an
-alignment miss walks on to the next larger hole instead of dereferencing NULL. Holes live in
-two sorted lists, like the two red-black trees of the C code:
+alignment miss walks on to the next larger hole instead of dereferencing NULL. The C code kept
+the holes in two red-black trees, by size and by start; here the same questions are answered
+by structures that cost less per call in CPython:
 
-* ``by_start``: hole starts in address order, with a dict start -> end beside it, for the
-  overlap check and coalescing on free, and for :meth:`holes`;
-* ``by_size``: one integer key per hole, ``size << 64 | start``, so the smallest hole comes
-  first and equal sizes go lowest address first. Plain ints compare much faster than tuples
-  in CPython, which is where most of the time goes.
+* by size: ``_sizes``, the distinct hole sizes in order (a plain sorted list, changed only
+  when a size appears or disappears; k distinct sizes sum to at most the region, so k stays
+  small: below sqrt(2 * region / page) for page-multiple holes), and per size a
+  :class:`_Bucket`: a min-heap of hole starts, and the same starts again by how aligned each
+  is. The usual request, one whose size some hole has exactly, is two dict lookups and a look
+  at a heap's top. Heap entries are dropped lazily: an entry is live while ``_hole_end``
+  still says that hole has that size, and a bucket is compacted when its dead entries
+  outnumber its live ones;
+* by start: two dicts, start -> end and end -> start, for coalescing on free, and a dict of
+  the blocks handed out, which proves a free is not a double free without an ordered search;
+* an address-ordered index of hole starts (``_by_start``) only once something needs one:
+  :meth:`reserve`, or a free of a range that is not exactly a block handed out (a partial or
+  bad free, which must be checked against the holes around it). From then on it is kept up to
+  date, at the previous cost of one sorted insert or delete per hole change.
 
-Every operation is O(log n) in the number of holes (sortedcontainers' list-of-lists, so in
-practice a couple of bisects and a short ``list.insert``), except that an alignment miss may
-walk over holes that are big enough but cannot hold the aligned block.
+Equal sizes go lowest address first, as before: a heap's top is its lowest start; when it
+cannot hold an aligned request, the lowest start that is aligned already comes from the
+by-alignment heaps, and only a hole with room to spare is walked in address order below that
+start (see :meth:`BestFitAllocator._lowest_fit`).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
+from heapq import heappop, heappush
 from typing import ClassVar
 
 from sortedcontainers import SortedList
@@ -27,9 +40,12 @@ from cma_qemu.errors import EBUSY, EINVAL
 
 __all__ = ["BestFitAllocator"]
 
-#: Bits reserved for the start address in a ``by_size`` key; addresses are below 2**64.
-_SHIFT = 64
-_MASK = (1 << _SHIFT) - 1
+#: Addresses handled: below 2**64, like the C code's unsigned long on a 64-bit host.
+_LIMIT = 1 << 64
+#: A heap is rebuilt when it holds more than twice its live entries plus this many.
+_SLACK_ENTRIES = 16
+#: An alignment walk sorts a heap this short in place; a longer one is walked as a heap.
+_SORT_BELOW = 64
 
 
 def _check_alignment(alignment: int) -> None:
@@ -38,45 +54,84 @@ def _check_alignment(alignment: int) -> None:
         raise EINVAL(f"alignment {alignment:#x} is not a power of two", where="bf")
 
 
+class _Bucket:
+    """The holes of one size: their starts in a min-heap, and again by how aligned each start
+    is (``aligned[r]``: the starts whose lowest set bit is bit r - 1, r = 0 for start 0), so
+    an aligned request finds the lowest start it fits without walking. Entries of dropped
+    holes stay until they reach a heap's top or the bucket is compacted."""
+
+    __slots__ = ("aligned", "count", "entries", "starts")
+
+    def __init__(self, start: int) -> None:
+        self.count = 1  # live holes
+        self.starts = [start]
+        self.aligned = {(start & -start).bit_length(): [start]}
+        self.entries = 2  # entries in all the heaps, dead ones included
+
+
 class BestFitAllocator(Allocator):
     """Best fit over a set of free holes; one instance per region.
 
-    Costs use h for the number of holes; construction is O(1).
+    Costs use h for the number of holes, k for the number of distinct hole sizes (k <= h), b
+    for the holes of one size; construction is O(1).
     """
 
     name: ClassVar[str] = "bf"
 
+    __slots__ = (
+        "_buckets",
+        "_by_start",
+        "_end",
+        "_hole_end",
+        "_hole_start",
+        "_sizes",
+        "_used",
+    )
+
     def __init__(self, start: int, size: int) -> None:
-        if start < 0 or size <= 0 or start + size > 1 << _SHIFT:
+        if start < 0 or size <= 0 or start + size > _LIMIT:
             raise EINVAL(f"cannot manage {size:#x} bytes at {start:#x}", where="bf")
         super().__init__(start, size)
         self._end = start + size
-        #: start -> end (one past the last byte) of every hole.
-        self._hole_end: dict[int, int] = {start: self._end}
-        self._by_start = SortedList([start])
-        self._by_size = SortedList([size << _SHIFT | start])
+        #: start -> end (one past the last byte) of every hole, and end -> start.
+        self._hole_end: dict[int, int] = {}
+        self._hole_start: dict[int, int] = {}
+        #: size -> the holes of that size; ``_sizes`` holds exactly its keys, in order.
+        self._buckets: dict[int, _Bucket] = {}
+        self._sizes: list[int] = []
+        #: start -> size of every block alloc or reserve handed out, while every free so far
+        #: named exactly one of them (None after a partial free: then frees use the index).
+        self._used: dict[int, int] | None = {}
+        #: Hole starts in address order; None until something needs the order.
+        self._by_start: SortedList | None = None
+        self._add_hole(start, self._end)
 
     # -- the Allocator interface -------------------------------------------------------------
 
     def alloc(self, size: int, alignment: int) -> int | None:
         """Take ``size`` bytes from the smallest hole that holds them aligned.
 
-        Runtime complexity: O(log h), plus one step per hole that is big enough but cannot
-        hold the block at ``alignment`` (only alignments above the page size can miss).
+        Runtime complexity: O(log b) (amortized: dead heap entries are popped once) when a
+        hole of exactly ``size`` bytes holds the block, else O(log k + log b); plus one step
+        per hole that is big enough but cannot hold the block at ``alignment`` (only
+        alignments above the page size can miss), and O(log h) while the address index exists.
         """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
         _check_alignment(alignment)
         mask = alignment - 1
-        for key in self._by_size.irange(minimum=size << _SHIFT):
-            hstart: int = key & _MASK
-            hend: int = hstart + (key >> _SHIFT)
-            s = (hstart + mask) & ~mask
-            if s + size <= hend:
-                break
-        else:
-            return None
-        return self._take(key, hstart, hend, s, size, alignment)
+        bucket = self._buckets.get(size)
+        if bucket is not None:
+            hstart = self._lowest_fit(size, bucket, size, mask)
+            if hstart is not None:
+                return self._take(hstart, size, size, alignment)
+        sizes = self._sizes
+        for i in range(bisect_right(sizes, size), len(sizes)):
+            hsize = sizes[i]
+            hstart = self._lowest_fit(hsize, self._buckets[hsize], size, mask)
+            if hstart is not None:
+                return self._take(hstart, hsize, size, alignment)
+        return None
 
     def free(self, start: int, size: int) -> None:
         """Turn ``[start, start+size)`` back into a hole, merged with adjacent holes.
@@ -84,7 +139,9 @@ class BestFitAllocator(Allocator):
         A range that leaves the region or overlaps a hole (a double free) raises EINVAL and
         changes nothing, where the C code only warned and leaked.
 
-        Runtime complexity: O(log h).
+        Runtime complexity: O(log b + log k) (amortized) for a block that alloc or reserve
+        handed out, plus O(log h) while the address index exists; any other range builds the
+        index first (O(h log h), once) and is checked against it.
         """
         end = start + size
         if size <= 0 or start < self.start or end > self._end:
@@ -93,78 +150,67 @@ class BestFitAllocator(Allocator):
                 f"{self.size:#x}@{self.start:#x}",
                 where="bf",
             )
-        hole_end = self._hole_end
-        by_start = self._by_start
-        by_size = self._by_size
-        # The hole with the greatest start below ``end``: it overlaps iff it ends after
-        # ``start``; if it does not, no earlier hole can either.
-        pred: int | None = next(
-            by_start.irange(maximum=end, inclusive=(True, False), reverse=True), None
-        )
-        new_start = start
-        if pred is not None:
-            pred_end = hole_end[pred]
-            if pred_end > start:
-                raise EINVAL(
-                    f"free of {size:#x}@{start:#x} overlaps the free block "
-                    f"{pred_end - pred:#x}@{pred:#x}",
-                    where="bf",
-                )
-            if pred_end == start:
-                by_size.remove((pred_end - pred) << _SHIFT | pred)
-                new_start = pred
-        if new_start == start:
-            by_start.add(start)
-        new_end = end
-        succ_end = hole_end.pop(end, None)
-        if succ_end is not None:
-            by_size.remove((succ_end - end) << _SHIFT | end)
-            by_start.remove(end)
-            new_end = succ_end
-        hole_end[new_start] = new_end
-        by_size.add((new_end - new_start) << _SHIFT | new_start)
+        used = self._used
+        if used is not None and used.get(start) == size:
+            del used[start]  # a block handed out: disjoint from every hole by construction
+        else:
+            self._check_free_against_holes(start, end)
+            self._used = None  # a part of a block (or several) is free now: trust the index
+        new_start = self._hole_start.get(start, start)
+        if new_start != start:
+            self._drop_hole(new_start, start)
+        new_end = self._hole_end.get(end, end)
+        if new_end != end:
+            self._drop_hole(end, new_end)
+        self._add_hole(new_start, new_end)
 
     def reserve(self, start: int, size: int) -> bool:
-        """Carve ``[start, start+size)`` out of the hole that holds all of it: O(log n)."""
+        """Carve ``[start, start+size)`` out of the hole that holds all of it.
+
+        Runtime complexity: O(log h + log k + log b) (the first call builds the address
+        index, O(h log h)).
+        """
         end = start + size
         if size <= 0 or start < self.start or end > self._end:
             return False
-        hstart: int | None = next(self._by_start.irange(maximum=start, reverse=True), None)
+        index = self._index()
+        hstart: int | None = next(index.irange(maximum=start, reverse=True), None)
         if hstart is None:
             return False
         hend = self._hole_end[hstart]
         if hend < end:
             return False
-        self._by_size.remove((hend - hstart) << _SHIFT | hstart)
-        self._by_start.remove(hstart)
-        del self._hole_end[hstart]
-        for piece_start, piece_end in ((hstart, start), (end, hend)):
-            if piece_end > piece_start:
-                self._by_start.add(piece_start)
-                self._hole_end[piece_start] = piece_end
-                self._by_size.add((piece_end - piece_start) << _SHIFT | piece_start)
+        self._drop_hole(hstart, hend)
+        if start > hstart:
+            self._add_hole(hstart, start)
+        if hend > end:
+            self._add_hole(end, hend)
+        if self._used is not None:
+            self._used[start] = size
         return True
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free blocks in address order; they are always maximal because free() merges.
 
-        Runtime complexity: O(h) (a snapshot of the starts is taken first).
+        Runtime complexity: O(h log h) (a sorted snapshot of the starts is taken first; O(h)
+        while the address index exists).
         """
         hole_end = self._hole_end
-        for start in list(self._by_start):
+        starts = list(self._by_start) if self._by_start is not None else sorted(hole_end)
+        for start in starts:
             yield start, hole_end[start] - start
 
     def largest_free(self) -> int:
-        """The last ``by_size`` key. Runtime complexity: O(1)."""
-        by_size = self._by_size
-        return int(by_size[-1] >> _SHIFT) if by_size else 0
+        """The largest distinct hole size. Runtime complexity: O(1)."""
+        sizes = self._sizes
+        return sizes[-1] if sizes else 0
 
     def cleanup(self) -> None:
         """Like the C code, insist on one hole; we also insist it is the whole region.
 
         Runtime complexity: O(1), or O(h) to word the EBUSY error.
         """
-        if len(self._by_start) != 1 or self._hole_end.get(self.start) != self._end:
+        if len(self._hole_end) != 1 or self._hole_end.get(self.start) != self._end:
             raise EBUSY(
                 f"region {self.size:#x}@{self.start:#x} still has "
                 f"{self.size - self.free_bytes():#x} bytes allocated",
@@ -178,42 +224,158 @@ class BestFitAllocator(Allocator):
 
         Runtime complexity: O(h).
         """
-        hole_end = self._hole_end
-        return sum(hole_end[s] - s for s in self._by_start)
+        return sum(end - start for start, end in self._hole_end.items())
 
-    def _take(self, key: int, hstart: int, hend: int, s: int, size: int, alignment: int) -> int:
-        """Carve the chunk ``[s, s+size)`` out of the hole ``[hstart, hend)`` (cases 1-3)."""
-        by_size = self._by_size
-        by_start = self._by_start
-        hole_end = self._hole_end
-        by_size.remove(key)
-        if s == hstart:
-            if s + size == hend:
-                # (1) exact fit: the hole disappears.
-                by_start.remove(hstart)
-                del hole_end[hstart]
-                return s
-            # (2) at the start: the hole begins after the chunk (same place in address order,
-            # but sortedcontainers has no in-place replace, so remove + add).
-            new_start = hstart + size
-            by_start.remove(hstart)
-            by_start.add(new_start)
-            del hole_end[hstart]
-            hole_end[new_start] = hend
-            by_size.add((hend - new_start) << _SHIFT | new_start)
-            return s
-        left = hend - (s + size)
-        if left:
-            # (3) in the middle.
-            if left % alignment == 0:
-                # The aligned end of the hole is free too: go there, leaving one fragment.
-                s += left
+    def _index(self) -> SortedList:
+        """The address index of hole starts, built on first use: O(h log h) once, then O(1)."""
+        if self._by_start is None:
+            self._by_start = SortedList(self._hole_end)
+        return self._by_start
+
+    def _check_free_against_holes(self, start: int, end: int) -> None:
+        """EINVAL if ``[start, end)`` overlaps a hole (a double or overlapping free).
+
+        The hole with the greatest start below ``end`` overlaps iff it ends after ``start``;
+        if it does not, no earlier hole can either. O(log h) once the index exists.
+        """
+        pred: int | None = next(
+            self._index().irange(maximum=end, inclusive=(True, False), reverse=True), None
+        )
+        if pred is not None:
+            pred_end = self._hole_end[pred]
+            if pred_end > start:
+                raise EINVAL(
+                    f"free of {end - start:#x}@{start:#x} overlaps the free block "
+                    f"{pred_end - pred:#x}@{pred:#x}",
+                    where="bf",
+                )
+
+    def _add_hole(self, start: int, end: int) -> None:
+        """Record the hole ``[start, end)``: O(log b) amortized, O(log k) for a new size."""
+        self._hole_end[start] = end
+        self._hole_start[end] = start
+        size = end - start
+        bucket = self._buckets.get(size)
+        if bucket is None:
+            self._buckets[size] = _Bucket(start)
+            insort(self._sizes, size)
+        else:
+            bucket.count += 1
+            heappush(bucket.starts, start)
+            aligned = bucket.aligned
+            rank = (start & -start).bit_length()
+            heap = aligned.get(rank)
+            if heap is None:
+                aligned[rank] = [start]
             else:
-                tail = s + size
-                by_start.add(tail)
-                hole_end[tail] = hend
-                by_size.add(left << _SHIFT | tail)
-        # (2) at the end: the hole keeps its start and ends where the chunk begins.
-        hole_end[hstart] = s
-        by_size.add((s - hstart) << _SHIFT | hstart)
+                heappush(heap, start)
+            bucket.entries += 2
+            if bucket.entries > 4 * bucket.count + _SLACK_ENTRIES:
+                self._compact(size, bucket)
+        if self._by_start is not None:
+            self._by_start.add(start)
+
+    def _drop_hole(self, start: int, end: int) -> None:
+        """Forget the hole ``[start, end)``; its heap entries die in place: O(1), O(log k) for
+        the last hole of its size."""
+        del self._hole_end[start]
+        del self._hole_start[end]
+        size = end - start
+        bucket = self._buckets[size]
+        bucket.count -= 1
+        if not bucket.count:
+            del self._buckets[size]
+            sizes = self._sizes
+            del sizes[bisect_left(sizes, size)]
+        if self._by_start is not None:
+            self._by_start.remove(start)
+
+    def _compact(self, size: int, bucket: _Bucket) -> None:
+        """Keep only the live entries, once each (a sorted list is a heap): O(b log b), paid
+        for by the dead entries it drops."""
+        hole_end = self._hole_end
+        live = sorted({s for s in bucket.starts if hole_end.get(s) == s + size})
+        bucket.starts = live
+        bucket.aligned = {}
+        for start in live:  # in order, so each list is sorted, hence a heap
+            bucket.aligned.setdefault((start & -start).bit_length(), []).append(start)
+        bucket.entries = 2 * len(live)
+
+    def _lowest_fit(self, hsize: int, bucket: _Bucket, size: int, mask: int) -> int | None:
+        """The lowest start of a ``hsize`` hole that holds ``size`` bytes at ``mask + 1``.
+
+        The heap's top usually does. If not, the lowest start aligned to ``mask + 1`` (from
+        the per-alignment heaps: no padding needed) bounds the answer, and only a hole with
+        some slack (``hsize > size``) can beat it with a start that needs padding, so only
+        then are the starts below that bound walked in address order.
+        """
+        hole_end = self._hole_end
+        starts = bucket.starts
+        while True:  # the size has live holes, so a live entry is at the top once dead go
+            top = starts[0]
+            if hole_end.get(top) == top + hsize:
+                break
+            heappop(starts)
+            bucket.entries -= 1
+        slack = hsize - size
+        if -top & mask <= slack:
+            return top
+        bound = None
+        rank_needed = (mask + 1).bit_length()
+        for rank, heap in bucket.aligned.items():
+            if rank >= rank_needed or rank == 0:  # rank 0: the start 0, aligned to anything
+                while heap and hole_end.get(heap[0]) != heap[0] + hsize:
+                    heappop(heap)
+                    bucket.entries -= 1
+                if heap and (bound is None or heap[0] < bound):
+                    bound = heap[0]
+        if not slack:
+            return bound
+        if len(starts) <= _SORT_BELOW:
+            starts.sort()  # address order for the walk; a sorted list is still a heap
+            for start in starts:
+                if bound is not None and start >= bound:
+                    break
+                if -start & mask <= slack and hole_end.get(start) == start + hsize:
+                    return start
+            return bound
+        # A big heap: visit it in address order without reordering it (a second heap of the
+        # entries whose parents were visited), so the walk costs O(steps * log b).
+        length = len(starts)
+        frontier = [(top, 0)]
+        while frontier:
+            start, i = heappop(frontier)
+            if bound is not None and start >= bound:
+                break
+            if -start & mask <= slack and hole_end.get(start) == start + hsize:
+                return start
+            child = 2 * i + 1
+            if child < length:
+                heappush(frontier, (starts[child], child))
+                if child + 1 < length:
+                    heappush(frontier, (starts[child + 1], child + 1))
+        return bound
+
+    def _take(self, hstart: int, hsize: int, size: int, alignment: int) -> int:
+        """Carve the chunk out of the hole ``[hstart, hstart+hsize)`` (cases 1-3)."""
+        hend = hstart + hsize
+        s = (hstart + alignment - 1) & -alignment
+        self._drop_hole(hstart, hend)
+        if s == hstart:
+            # (1) exact fit: the hole disappears; (2) at the start: it begins after the chunk.
+            if s + size != hend:
+                self._add_hole(s + size, hend)
+        else:
+            left = hend - (s + size)
+            if left:
+                # (3) in the middle.
+                if left % alignment == 0:
+                    # The aligned end of the hole is free too: go there, leaving one fragment.
+                    s += left
+                else:
+                    self._add_hole(s + size, hend)
+            # (2) at the end: the hole keeps its start and ends where the chunk begins.
+            self._add_hole(hstart, s)
+        if self._used is not None:
+            self._used[s] = size
         return s

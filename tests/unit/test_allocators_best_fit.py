@@ -182,3 +182,70 @@ def test_bad_alloc_arguments_raise_einval(size: int, alignment: int) -> None:
 def test_bad_region_raises_einval(start: int, size: int) -> None:
     with pytest.raises(EINVAL):
         BestFitAllocator(start, size)
+
+
+def test_partial_free_then_the_whole_block_is_a_double_free() -> None:
+    """Freeing part of a block leaves the rest of it checked against the holes: freeing the
+    whole block afterwards overlaps the part already free."""
+    bf = BestFitAllocator(BASE, 16 * P)
+    a = bf.alloc(4 * P, P)
+    assert a == BASE
+    bf.free(a + P, 2 * P)
+    with pytest.raises(EINVAL):
+        bf.free(a, 4 * P)
+    bf.free(a, P)
+    bf.free(a + 3 * P, P)
+    bf.cleanup()
+
+
+def test_a_block_freed_twice_is_refused() -> None:
+    bf = BestFitAllocator(BASE, 16 * P)
+    a = bf.alloc(2 * P, P)
+    b = bf.alloc(2 * P, P)
+    assert a is not None and b is not None
+    bf.free(a, 2 * P)
+    with pytest.raises(EINVAL):
+        bf.free(a, 2 * P)
+    assert pages_of(bf) == [(0, 2), (4, 12)]
+
+
+@pytest.mark.parametrize(("sort_below", "slack_entries"), [(0, 16), (64, 16), (10**9, 0)])
+def test_many_holes_of_one_size_against_the_model(
+    monkeypatch: pytest.MonkeyPatch, sort_below: int, slack_entries: int
+) -> None:
+    """Hundreds of equal holes and aligned requests: the walk in address order through a big
+    heap (``_SORT_BELOW`` 0), a sorted short one, and compaction at every step
+    (``_SLACK_ENTRIES`` 0) all place every chunk where the brute-force model does."""
+    import random
+
+    from test_allocators_properties import best_fit_place, carve, give_back
+
+    from cma_qemu.allocators import best_fit
+
+    monkeypatch.setattr(best_fit, "_SORT_BELOW", sort_below)
+    monkeypatch.setattr(best_fit, "_SLACK_ENTRIES", slack_entries)
+    rng = random.Random(7)
+    bf = BestFitAllocator(BASE, 4096 * P)
+    model = [(BASE, 4096 * P)]
+    live: list[tuple[int, int]] = []
+    for _ in range(1500):  # fill with 1- and 2-page chunks, then churn
+        size = rng.choice([1, 1, 2]) * P
+        got = bf.alloc(size, P)
+        assert got is not None
+        live.append((got, size))
+        model = carve(model, got, size)
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            start, size = live.pop(rng.randrange(len(live)))
+            bf.free(start, size)
+            model = give_back(model, start, size)
+        else:
+            size = rng.choice([1, 1, 2, 3]) * P
+            alignment = rng.choice([1, 1, 2, 4, 16]) * P
+            got = bf.alloc(size, alignment)
+            assert got == best_fit_place(model, size, alignment)
+            if got is not None:
+                live.append((got, size))
+                model = carve(model, got, size)
+    assert list(bf.holes()) == model
+    assert bf.largest_free() == max(n for _, n in model)
