@@ -8,6 +8,7 @@ free + used = total in every region and in the stats, and a step that raised cha
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from cma_helpers import allocator_registry
@@ -41,12 +42,21 @@ class FrameworkMachine(RuleBasedStateMachine):
     """Drives one :class:`Cma`; subclasses pick the allocator."""
 
     allocator = "bf"
+    #: The hang guard of the program running now: one per program, from here to teardown
+    #: (Hypothesis calls teardown in a ``finally``), so each step's own guard in ``_do`` is
+    #: free. Kept on the class so a guard a failed start left open is closed by the next.
+    _guard = contextlib.ExitStack()
 
     def __init__(self) -> None:
         super().__init__()
         self.cma = Cma(allocator_registry())  # replaced by boot(); no entry-point scan here
         self.refcounts: dict[int, int] = {}
         self.alignments: dict[int, int] = {}
+        FrameworkMachine._guard.close()
+        FrameworkMachine._guard.enter_context(no_hang())
+
+    def teardown(self) -> None:
+        FrameworkMachine._guard.close()
 
     @initialize(layout=layouts())
     def boot(self, layout: list[tuple[str | None, int, int]]) -> None:
