@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import cProfile
 import importlib
 import importlib.util
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -50,7 +52,9 @@ def _setup(cases: int) -> None:
     for path in (_HERE.parent / "unit", _HERE.parent, _HERE):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
-    os.environ["CMA_QEMU_FUZZ_PROGRESS"] = tempfile.mkdtemp(prefix="fuzz-measure-")
+    scratch = tempfile.mkdtemp(prefix="fuzz-measure-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # after fuzzing's own atexit
+    os.environ["CMA_QEMU_FUZZ_PROGRESS"] = scratch
     os.environ["CMA_QEMU_FUZZ_PROFILE"] = "fuzz-measure"
     from hypothesis import Phase, settings
 
@@ -76,6 +80,9 @@ def _runner(target: str) -> Callable[[], None]:
     if target == "test_monitor_lines":
         loop = asyncio.new_event_loop()
         return lambda: test(loop=loop)
+    if target == "test_board_files_load_or_fail_with_one_line":
+        board_path = Path(os.environ["CMA_QEMU_FUZZ_PROGRESS"], f"{module.STEM}.toml")
+        return lambda: test(board_path=board_path)
     return test  # type: ignore[no-any-return]
 
 

@@ -53,9 +53,9 @@ __all__ = [
 # Mutation
 
 
-# Strategies a draw uses are built once, here, not inside the draw: Hypothesis caches what
-# st.* builds from hashable arguments, but a list argument or an ``a | b`` makes a new object,
-# which it validates again on every draw (a fifth of a protocol case's CPU, measured).
+# Strategies a draw uses are built once, here, not inside the draw: a strategy built in a draw
+# is a new object each time, and a new ``one_of`` (``a | b``) or composite is validated and
+# analysed again (emptiness, recursion) on every draw: a fifth of a protocol case's CPU.
 _TEXT_EDITS = st.sampled_from(["insert", "delete", "replace", "repeat", "cut"])
 _BYTE_EDITS = st.sampled_from(["insert", "delete", "replace", "cut"])
 _SPECIAL_BYTES = st.sampled_from([0x0A, 0xFF, 0x00, 0x22, 0x5C, 0x7B, 0x7D, 0x80, 0xC3])
