@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 from sortedcontainers import SortedList
 
@@ -59,7 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Chunk:
     """One allocation. ``size`` is page-rounded; ``requested`` is what the caller asked for."""
 
@@ -159,6 +159,9 @@ CmaEvent: TypeAlias = AllocEvent | FreeEvent | AllocFailedEvent
 CmaChange: TypeAlias = CmaEvent | RefcountEvent | SettingEvent
 
 _NO_REGIONS_INFO = CmaInfo(MAX_ADDRESS, 0, 0, 0, 0)
+_PAGE_MASK = PAGE_SIZE - 1
+#: Resolved (dev, kind) targets kept at most; more distinct pairs than this start it afresh.
+_MAX_TARGETS = 4096
 
 
 def _check_request(size: int, alignment: int) -> tuple[int, int]:
@@ -218,6 +221,10 @@ class Cma:
         self._asterisk: tuple[str, ...] | None = None
         self._listeners: list[Callable[[CmaEvent], None]] = []
         self._change_listeners: list[Callable[[CmaChange], None]] = []
+        #: (dev, kind) -> the region list the map or asterisk gives it, and the registered
+        #: regions those names find, so a repeated request skips the map matching and the
+        #: region lookups. Emptied by every change of the map, the asterisk or the regions.
+        self._targets: dict[tuple[str, str], tuple[tuple[str, ...], tuple[Region, ...]]] = {}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -267,6 +274,7 @@ class Cma:
             self._map = new_map if map is not None else self._map
             if new_asterisk is not None:
                 self._asterisk = new_asterisk
+            self._targets.clear()
             self._early.extend(early)
 
     @staticmethod
@@ -353,6 +361,7 @@ class Cma:
             except CmaError:
                 for region in registered:  # all or nothing: leave the state as it was
                     self._regions.remove(region)
+                self._targets.clear()
                 raise
             self._early.clear()
             return registered
@@ -396,6 +405,7 @@ class Cma:
                 self._regions.insert(0, region)  # named at the head: newest name wins lookups
             else:
                 self._regions.append(region)
+            self._targets.clear()
             return region
 
     def region_unregister(self, region: Region) -> None:
@@ -411,6 +421,7 @@ class Cma:
             if region.allocator is not None:
                 region.allocator.cleanup()
             self._regions.remove(region)
+            self._targets.clear()
 
     @property
     def regions(self) -> list[Region]:
@@ -567,17 +578,49 @@ class Cma:
     ) -> Chunk:
         """``cma_alloc``: allocate for (dev, kind) from the regions the map names, in order.
 
-        Runtime complexity: O(map patterns + m * (r + A)) (map matching, then each named
-        region is looked up and tried until one has room).
+        Runtime complexity: O(m * A) for a (dev, kind) already asked for since the map,
+        asterisk or regions last changed, else O(map patterns + m * (r + A)) (map matching,
+        then each named region is looked up), then each region is tried until one has room.
         """
         with self._lock:
-            try:
-                size_r, align_r = _check_request(size, alignment)
-                names = self._names_for(dev, kind or "")
-            except CmaError as error:
-                self._emit(AllocFailedEvent(dev, kind, (), size, alignment, error))
-                raise
-            return self._alloc_first(names, size, size_r, align_r, dev, kind or "", owner)
+            target = self._targets.get((dev, kind or ""))
+            if (
+                target is not None
+                and type(size) is int
+                and type(alignment) is int
+                and 0 < size <= MAX_ADDRESS
+                and 0 <= alignment <= MAX_ADDRESS
+                and not alignment & (alignment - 1)
+            ):  # the request checks of _check_request, for the usual plain ints
+                size_r = (size + _PAGE_MASK) & ~_PAGE_MASK
+                align_r = alignment if alignment > PAGE_SIZE else PAGE_SIZE
+            else:
+                try:
+                    size_r, align_r = _check_request(size, alignment)
+                    target = self._target(dev, kind or "")
+                except CmaError as error:
+                    self._emit(AllocFailedEvent(dev, kind, (), size, alignment, error))
+                    raise
+            names, regions = target
+            for region in regions:
+                chunk = self._alloc_in(region, size, size_r, align_r, owner)
+                if chunk is not None:
+                    if self._listeners or self._change_listeners:  # no event object for no one
+                        self._emit(AllocEvent(chunk, dev, kind or "", align_r, names))
+                    return chunk
+            self._no_room(names, size, size_r, align_r, dev, kind or "")
+
+    def _target(self, dev: str, kind: str) -> tuple[tuple[str, ...], tuple[Region, ...]]:
+        """The names the map gives (dev, kind) and the regions they find, remembered."""
+        target = self._targets.get((dev, kind))
+        if target is None:
+            names = self._names_for(dev, kind)
+            found = (self._named_region(name) for name in names)
+            target = (names, tuple(region for region in found if region is not None))
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            self._targets[dev, kind] = target
+        return target
 
     def alloc_from(
         self, regions: str | None, size: int, alignment: int = 0, *, owner: str | None = None
@@ -640,6 +683,17 @@ class Cma:
                 if self._listeners or self._change_listeners:  # no event object for no one
                     self._emit(AllocEvent(chunk, dev, kind, alignment, names))
                 return chunk
+        self._no_room(names, requested, size, alignment, dev, kind)
+
+    def _no_room(
+        self,
+        names: tuple[str, ...],
+        requested: int,
+        size: int,
+        alignment: int,
+        dev: str | None,
+        kind: str | None,
+    ) -> NoReturn:
         where = ", ".join(names) if names else "an empty region list"
         error = ENOMEM(f"no room for {size:#x} bytes (alignment {alignment:#x}) in {where}")
         self._emit(AllocFailedEvent(dev, kind, names, requested, alignment, error))
@@ -773,7 +827,9 @@ class Cma:
         Runtime complexity: O(A) (O(log c + A) once the address index is built).
         """
         with self._lock:
-            chunk = self._lookup(addr)
+            chunk = self._chunks.get(addr)
+            if chunk is None:
+                raise ENOENT(f"no chunk starts at {addr:#x}")
             self._release(chunk)
             return chunk
 
@@ -894,6 +950,7 @@ class Cma:
         new = parse_map(text)
         with self._lock:
             self._map = new
+            self._targets.clear()
             self._emit_change(SettingEvent("map", text))
 
     @property
@@ -915,4 +972,5 @@ class Cma:
         names = parse_asterisk(text)
         with self._lock:
             self._asterisk = names if names else None
+            self._targets.clear()
             self._emit_change(SettingEvent("asterisk", text))

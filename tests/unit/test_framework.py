@@ -420,6 +420,43 @@ def test_set_map_and_asterisk_runtime() -> None:
     assert cma.asterisk is None
 
 
+def test_a_repeated_request_follows_every_change_of_map_asterisk_and_regions() -> None:
+    """alloc remembers where a (dev, kind) goes; each change of what decides that is seen."""
+    cma = make(map="dev=a;*/*=*", asterisk="c")
+
+    def region_of(dev: str, kind: str = "") -> str | None:
+        chunk = cma.alloc(dev, kind, P)
+        return chunk.region.name
+
+    assert region_of("dev") == "a"
+    assert region_of("other") == "c"
+    cma.set_map("dev=b;*/*=*")
+    assert region_of("dev") == "b"
+    cma.set_asterisk("a")
+    assert region_of("other") == "a"
+    cma.set_defaults(None, "dev=c")
+    assert region_of("dev") == "c"
+    cma.set_map("dev=d,c")
+    assert region_of("dev") == "c"  # no region d yet
+    d = cma.region_register(0x40800000, M, name="d")
+    assert region_of("dev") == "d"
+    for chunk in [c for c in cma.chunks if c.region is d]:
+        cma.free(chunk.start)
+    cma.region_unregister(d)
+    assert region_of("dev") == "c"
+    cma.set_map("dev=d")
+    with pytest.raises(ENOMEM):
+        cma.alloc("dev", "", P)
+
+
+def test_alloc_remembers_a_bounded_number_of_targets() -> None:
+    cma = make(asterisk="a")
+    for i in range(5000):
+        chunk = cma.alloc(f"dev{i}", "", P)
+        cma.free(chunk.start)
+    assert len(cma._targets) <= 4096
+
+
 # ------------------------------------------------------------------------------ early regions
 LAYOUT = RamLayout((RamBank(BASE, 16 * M),), (ReservedRange("the kernel", BASE, 2 * M),))
 
