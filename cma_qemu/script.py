@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import NamedTuple, Protocol, TextIO
 
 from cma_qemu.attributes import memparse as parse_number
 from cma_qemu.errors import CmaError
@@ -108,8 +108,10 @@ class _LineError(Exception):
         self.message = message
 
 
-@dataclass
-class _Live:
+class _Live(NamedTuple):
+    """A live chunk as the script knows it (a tuple: cheap to make, and of no interest to the
+    cycle collector)."""
+
     start: int
     size: int
 
@@ -125,12 +127,14 @@ class LiveChunks:
     O(1), iteration O(n), in the number of live chunks.
     """
 
-    __slots__ = ("_chunks", "_freed", "_next_fresh")
+    __slots__ = ("_chunks", "_freed", "_next_fresh", "get")
 
     def __init__(self) -> None:
         self._chunks: OrderedDict[int, _Live] = OrderedDict()
         self._freed: list[int] = []
         self._next_fresh = 1
+        #: The live chunk with this id, or None: O(1) (the dict's own ``get``, no Python call).
+        self.get: Callable[[int], _Live | None] = self._chunks.get
 
     def add(self, start: int, size: int) -> int:
         """Record a new chunk under the lowest unused id and return the id: O(log n)."""
@@ -141,10 +145,6 @@ class LiveChunks:
             self._next_fresh += 1
         self._chunks[chunk_id] = _Live(start, size)
         return chunk_id
-
-    def get(self, chunk_id: int) -> _Live | None:
-        """The live chunk with this id, or None: O(1)."""
-        return self._chunks.get(chunk_id)
 
     def remove(self, chunk_id: int) -> None:
         """Forget a live chunk; its id becomes reusable: O(log n)."""
@@ -232,6 +232,7 @@ class ScriptRunner:
     ) -> None:
         self.backend = backend
         self.out = out
+        self._out_write = out.write
         self.err = err
         self.clock = clock
         self.live = LiveChunks()
@@ -354,16 +355,24 @@ class ScriptRunner:
         return value
 
     def _record(self, size: int, start: int) -> None:
-        chunk_id = self.live.add(start, size)
-        self.out.write(f"{chunk_id}: {size:#x}@{start:#x}\n")
+        self._out_write(f"{self.live.add(start, size)}: {hex(size)}@{hex(start)}\n")
 
     # ------------------------------------------------------------------ commands
     def _alloc(self, command: str, args: list[str]) -> None:
         exact = len(args) == 2  # the usual case skips both count checks (order kept otherwise)
         if not exact:
             self._need(args, 2)
-        dev, kind = _split_dev(args[0])
-        size, alignment = _size_and_alignment(args[1])
+        token, request = args[0], args[1]
+        if len(token) <= MAX_NAME and token.isascii():  # _split_dev's usual case, inline
+            dev, slash, kind = token.rpartition("/")
+            if not slash:
+                dev, kind = token, ""
+        else:
+            dev, kind = _split_dev(token)
+        if request.isdigit() and request.isascii() and request[0] != "0" and len(request) < 20:
+            size, alignment = int(request), 0  # a plain decimal size: memparse's fast case
+        else:
+            size, alignment = _size_and_alignment(request)
         if not exact:
             self._no_more(args, 2)
         self.allocations += 1
@@ -372,7 +381,7 @@ class ScriptRunner:
         except CmaError:
             self.failed_allocations += 1
             raise
-        self._record(size, start)
+        self._out_write(f"{self.live.add(start, size)}: {hex(size)}@{hex(start)}\n")
 
     def _alloc_from(self, command: str, args: list[str]) -> None:
         self._need(args, 2)
@@ -388,10 +397,18 @@ class ScriptRunner:
 
     def _free(self, command: str, args: list[str]) -> None:
         if args:
-            chunk_id = self._chunk_id(args[0])
+            token = args[0]
+            if token.isdigit() and token.isascii() and len(token) < 11:  # _chunk_id, inline
+                chunk_id = int(token)
+                if not 1 <= chunk_id <= MAX_ID:
+                    raise _LineError("EINVAL", "invalid chunk id")
+            else:
+                chunk_id = self._chunk_id(token)
             if len(args) > 1:
                 self._no_more(args, 1)
-            chunk = self._lookup(chunk_id)
+            chunk = self.live.get(chunk_id)
+            if chunk is None:
+                raise _LineError("ENOENT", f"no chunk {chunk_id}")
         else:
             newest = self.live.newest()
             if newest is None:

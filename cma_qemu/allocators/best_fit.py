@@ -118,10 +118,22 @@ class BestFitAllocator(Allocator):
         """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
-        _check_alignment(alignment)
+        if alignment <= 0 or alignment & (alignment - 1):
+            _check_alignment(alignment)
         mask = alignment - 1
         bucket = self._buckets.get(size)
         if bucket is not None:
+            starts = bucket.starts
+            top = starts[0]
+            if not top & mask and self._hole_end.get(top) == top + size:
+                # The usual case, inline: the lowest hole of exactly this size, aligned
+                # already. (1) exact fit: the hole disappears.
+                heappop(starts)
+                bucket.entries -= 1
+                self._drop_hole(top, top + size)
+                if self._used is not None:
+                    self._used[top] = size
+                return top
             hstart = self._lowest_fit(size, bucket, size, mask)
             if hstart is not None:
                 return self._take(hstart, size, size, alignment)

@@ -527,9 +527,12 @@ def test_no_progress_output_when_stderr_is_not_a_terminal(
 
 
 def test_progress_bar_on_a_real_terminal(tmp_path: Path) -> None:
-    """A replay of a few seconds under a pty draws the bar on stderr (stdout to /dev/null)."""
+    """A replay of a few seconds under a pty draws the bar on stderr (stdout to /dev/null).
+
+    Long enough to outlast the bar's one-second delay with room to spare (1,001,000 lines, a
+    few seconds at today's speed)."""
     script = tmp_path / "churn.cma"
-    script.write_text(churn_script(1_000, 100_000))
+    script.write_text(churn_script(1_000, 500_000))
     exe = Path(sys.executable).parent / "cma-qemu"
     command = f"exec {exe} replay {script} --cma t=2G --ram 0x40000000:2G > /dev/null"
     child = pexpect.spawn("/bin/sh", ["-c", command], encoding="utf-8", timeout=300)
@@ -538,5 +541,5 @@ def test_progress_bar_on_a_real_terminal(tmp_path: Path) -> None:
     child.close()
     assert child.exitstatus == 0, shown
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # colours and cursor moves
-    assert re.search(r"replay ━+.* \d+/201000 lines", plain), plain
-    assert "201000/201000 lines" in plain
+    assert re.search(r"replay ━+.* \d+/1001000 lines", plain), plain
+    assert "1001000/1001000 lines" in plain
