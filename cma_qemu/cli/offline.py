@@ -8,21 +8,23 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from cma_qemu.boards import Board, list_boards, load_board
 from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, ENOENT
 from cma_qemu.replay import ReplayResult, parse_ram, replay
 
+if TYPE_CHECKING:  # rich is imported where it draws: a replay to a file never needs it
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
 __all__ = ["ReplayProgress", "cmd_boards", "cmd_guest_build", "cmd_replay", "read_script"]
 
 
 def _stdout() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False)
 
 
@@ -34,6 +36,8 @@ def cmd_boards(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_board_json(b) for b in boards], indent=2))
         return 0
+    from rich.table import Table
+
     table = Table(title="Boards")
     for column in ("board", "machine", "RAM", "channel", "regions", "description"):
         table.add_column(column)
@@ -96,7 +100,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             asterisk=args.asterisk,
         )
 
-    bar = ReplayProgress(Console(stderr=True)) if sys.stderr.isatty() else None
+    bar = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        bar = ReplayProgress(Console(stderr=True))
     runs: list[ReplayResult] = []
     try:
         for name in args.allocator or [None]:
@@ -153,6 +161,8 @@ class ReplayProgress:
         if self._progress is None:
             if now - self._began < self.delay:
                 return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -206,6 +216,8 @@ def _result_json(result: ReplayResult) -> dict[str, Any]:
 
 
 def _print_comparison(runs: Sequence[ReplayResult]) -> None:
+    from rich.table import Table
+
     from cma_qemu.views import human_size  # views pulls in the monitor layer: not at start-up
 
     table = Table(title="Replay by allocator")
@@ -244,6 +256,8 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     from cma_qemu.guest_image import FLAVOURS, build_guest, default_cache_dir
 
     wanted = args.flavour or sorted(FLAVOURS)
+    from rich.console import Console
+
     console = Console(stderr=True, highlight=False)
     cache = Path(args.cache) if args.cache else default_cache_dir()
     for flavour in wanted:
