@@ -265,19 +265,43 @@ class ScriptRunner:
         """
         lines = text.split("\n")
         body = lines[:-1]
-        run_line = self.run_line
         if progress is None:
-            for line in body:
-                run_line(line)
+            self._run_lines(body)
         else:
             for begin in range(0, len(body), PROGRESS_EVERY):
-                for line in body[begin : begin + PROGRESS_EVERY]:
-                    run_line(line)
+                self._run_lines(body[begin : begin + PROGRESS_EVERY])
                 progress(min(begin + PROGRESS_EVERY, len(body)), len(body))
         if _byte_length(lines[-1]) > MAX_LINE:
             self._error("input", "EINVAL", "line too long")  # the stub checks length first
         elif lines[-1]:
             self._error("input", "EINVAL", "no new line at EOF")
+
+    def _run_lines(self, lines: list[str]) -> None:
+        """:meth:`run_line` for each line, with the usual line's path inline (one Python call
+        less per line): short, starting with the command, words one space apart, no tab or
+        NUL. Any other line goes through :meth:`run_line`."""
+        commands = self._commands
+        run_line = self.run_line
+        for line in lines:
+            if (
+                line
+                and line[0] not in " \t#"
+                and len(line) <= _SHORT_LINE
+                and "\t" not in line
+                and "\0" not in line
+            ):
+                words = line.split(" ")
+                handler = commands.get(words[0])
+                if handler is not None and "" not in words:
+                    self.previous = line
+                    try:
+                        handler(words[0], words[1:])
+                    except _LineError as error:
+                        self._error(words[0], error.errno_name, error.message)
+                    except CmaError as error:
+                        self._error(words[0], error.errno_name, str(error))
+                    continue
+            run_line(line)
 
     def run_line(self, line: str) -> None:
         """Run one line (without its newline)."""
