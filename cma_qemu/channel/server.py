@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +58,23 @@ class _Listener:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def _someone_listens(path: str) -> bool:
+    """Whether a live process accepts connections at the unix socket ``path``.
+
+    A non-blocking connect never waits: it connects (or finds the backlog full, EAGAIN) when
+    a listener is there, and is refused or finds no file otherwise. The listener sees one
+    connection that closes at once, with nothing sent.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        return probe.connect_ex(path) in (0, errno.EAGAIN, errno.EINPROGRESS)
+    except OSError:
+        return False  # an unusable path (too long, ...): the bind that follows says so
+    finally:
+        probe.close()
+
+
 class ChannelServer(AsyncClosing):
     """The guest sessions of one machine, one per channel port.
 
@@ -92,13 +111,18 @@ class ChannelServer(AsyncClosing):
         """Listen on a unix socket at ``path``; every connection is a session of its own.
 
         Connection N's chunks belong to ``"guest:<name>:N"`` and are released when it closes.
-        Cost: one bind; each connection a task.
+        A socket nobody answers at is a dead agent's and is replaced; one a live process
+        listens at (a second ``attach`` of the same QEMU) raises EADDRINUSE and is left alone,
+        so that process's guests keep their channel. Cost: one connect attempt and one bind;
+        each connection a task.
         """
         if name in self._ports or name in self._listeners:
             raise EADDRINUSE(f"guest channel port {name!r} is already served")
         spath = os.fspath(path)
+        if _someone_listens(spath):
+            raise EADDRINUSE(f"another process serves this channel at {spath}", where=name)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(spath)
+            os.unlink(spath)  # a dead agent's leftover (nobody answered)
         entry: _Listener | None = None
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

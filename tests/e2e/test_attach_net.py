@@ -103,6 +103,38 @@ async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
     assert (await qemu.qmp("query-status"))["status"] == "running"
 
 
+async def test_a_second_attach_leaves_the_first_agents_channel_alone(
+    qemu: Qemu, tmp_path: Path
+) -> None:
+    # The second attach comes in through the harness's own QMP socket (QEMU serves one client
+    # per QMP socket) with a monitor and journal of its own, so the channel is what collides.
+    agent = await Agent.attach(BOARD, qemu.qmp_socket, qemu.channel_socket)
+    try:
+        argv = [
+            CLI, "attach", "--board", BOARD.name, "--qmp", str(qemu.control),
+            "--channel", str(qemu.channel_socket), "--monitor", str(tmp_path / "second.sock"),
+            "--no-state",
+        ]  # fmt: skip
+        done = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines() == [
+            f"cma-qemu: EADDRINUSE: net: another process serves this channel at "
+            f"{qemu.channel_socket}"
+        ]
+        assert not (tmp_path / "second.sock").exists()
+        # the first agent still serves the guest at its socket
+        start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
+        assert re.fullmatch(r"guest:net:\d+", str(agent.cma.chunk(start).owner))
+        await asyncio.to_thread(qemu.stub_end)
+        await _until(lambda: agent.cma.chunks == [])
+    finally:
+        await agent.close()
+    assert not qemu.channel_socket.exists()
+    assert (await qemu.qmp("query-status"))["status"] == "running"
+
+
 def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The first JSON object ``cma-qemu attach --json`` prints (it may span lines)."""
     assert proc.stdout is not None

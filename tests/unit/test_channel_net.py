@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,43 @@ async def test_listener_errors_leave_state_intact(tmp_path: Path) -> None:
         await stub.close()
     finally:
         await server.close()
+
+
+async def test_a_live_listener_keeps_its_socket_and_a_stale_one_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A second agent at the same path gets EADDRINUSE; the first keeps serving its guests."""
+    path = tmp_path / "channel.sock"
+    first, second = ChannelServer(make_cma()), ChannelServer(make_cma())
+    try:
+        await first.add_listener("net", path)
+        inode = path.stat().st_ino
+        with pytest.raises(EADDRINUSE, match="another process serves this channel") as err:
+            await second.add_listener("net", path)
+        assert err.value.where == "net"
+        assert str(err.value).count("\n") == 0
+        assert second.ports == [] and path.stat().st_ino == inode
+        stub = await Stub.connect(path)  # the first agent still answers at its socket
+        assert (await stub.call("cma-alloc", dev="dev", size=4096))["return"]["size"] == 4096
+        assert [c.owner for c in first.cma.chunks] == ["guest:net:2"]  # 1 was the probe
+        assert second.cma.chunks == []
+        await stub.close()
+    finally:
+        await first.close()
+        await second.close()
+    # a dead agent's socket file (nobody listens: connection refused) is replaced
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    assert path.is_socket()
+    try:
+        await second.add_listener("net", path)
+        stub = await Stub.connect(path)
+        assert (await stub.call("guest-ping"))["return"] == {}
+        await stub.close()
+    finally:
+        await second.close()
+    assert not path.exists()
 
 
 async def test_close_ends_live_connections(tmp_path: Path) -> None:
