@@ -39,6 +39,10 @@ __all__ = ["PROMPT", "READY_RE", "Console", "Transcript", "require_success"]
 READY_RE = re.compile(r"cma-qemu: ready channel=(\S+?)\r*\n")
 #: The guest shell's prompt.
 PROMPT = "cma# "
+#: The begin and end markers :meth:`Console.run_sync` puts around a command. Group 1 is the
+#: run's tag, compared after the match, so one compiled pattern serves every run.
+_BEGIN_RE = re.compile(r"__CMA_B_([0-9a-f]{16})__\r*\n")
+_END_RE = re.compile(r"__CMA_E_([0-9a-f]{16})_(\d+)__")
 #: How many characters of console output the transcript keeps (the boot log is kept apart).
 TRANSCRIPT_LIMIT = 1 << 20
 
@@ -106,6 +110,7 @@ class _Child(Protocol):
     logfile_read: Any
 
     def expect(self, pattern: Any, timeout: float | None = ...) -> int: ...
+    def expect_exact(self, pattern: Any, timeout: float | None = ...) -> int: ...
     def sendline(self, s: str = ...) -> int: ...
     def send(self, s: str) -> int: ...
     def read_nonblocking(self, size: int = ..., timeout: float | None = ...) -> Any: ...
@@ -155,8 +160,11 @@ class Console:
         tail = self.tail()
         return cls(f"{what}; last console lines:\n{tail}" if tail else what, where="console")
 
-    def _expect(self, pattern: Any, timeout: float, what: str) -> int:
+    def _expect(self, pattern: Any, timeout: float, what: str, *, exact: bool = False) -> int:
+        """pexpect's ``expect`` (``expect_exact`` for plain text), its errors as ours."""
         try:
+            if exact:
+                return self._child.expect_exact(pattern, timeout=timeout)
             return self._child.expect(pattern, timeout=timeout)
         except pexpect.TIMEOUT:
             raise self._error(ETIMEDOUT, f"{what}: no answer in {timeout:g} s") from None
@@ -256,16 +264,22 @@ class Console:
     def run_sync(self, cmd: str, timeout: float = 30.0) -> tuple[str, int]:
         """Run one shell command line in the guest; ``(output, exit status)``, CRs stripped."""
         tag = uuid.uuid4().hex[:16]
-        begin = re.compile(rf"__CMA_B_{tag}__\r*\n")
-        end = re.compile(rf"__CMA_E_{tag}_(\d+)__")
         line = f"echo __CMA_B_''{tag}__; eval {shlex.quote(cmd)}; echo __CMA_E_''{tag}_$?__"
         what = f"running {cmd!r} in the guest"
         with self._lock:
             self._sendline(line)
-            self._expect(begin, timeout, what)
-            self._expect(end, timeout, what)
-            status = int(self._child.match.group(1))
-            out = str(self._child.before).replace("\r", "")
+            # Another run's markers (one that timed out, or printed by the command) are
+            # skipped before the begin marker and are part of the output after it.
+            self._expect(_BEGIN_RE, timeout, what)
+            while self._child.match.group(1) != tag:
+                self._expect(_BEGIN_RE, timeout, what)
+            out = ""
+            self._expect(_END_RE, timeout, what)
+            while self._child.match.group(1) != tag:
+                out += str(self._child.before) + str(self._child.match.group(0))
+                self._expect(_END_RE, timeout, what)
+            status = int(self._child.match.group(2))
+            out = (out + str(self._child.before)).replace("\r", "")
         return out.removesuffix("\n"), status
 
     async def run(self, cmd: str, timeout: float = 30.0) -> tuple[str, int]:
@@ -289,7 +303,7 @@ class Console:
                 self._sendline(line)
             if until is None:
                 return ""
-            self._expect(re.compile(re.escape(until)), timeout, what)
+            self._expect(until, timeout, what, exact=True)
             return str(self._child.before).replace("\r", "")
 
     async def converse(self, line: str | None, until: str | None, timeout: float = 30.0) -> str:

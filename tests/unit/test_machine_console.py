@@ -45,6 +45,30 @@ async def test_ready_and_exact_runs(console: Console) -> None:
     assert "hello" in console.log
 
 
+async def test_another_runs_markers_are_output(console: Console) -> None:
+    """Markers with a tag not this run's (printed by the command) are plain output."""
+    await console.wait_ready(10, prepare=False)
+    foreign = "__CMA_B_0123456789abcdef__\n__CMA_E_0123456789abcdef_7__\nafter"
+    assert await console.run(f"printf '{foreign}'; (exit 3)") == (foreign, 3)
+    assert await console.run("echo __CMA_E_fedcba9876543210_1__; echo x") == (
+        "__CMA_E_fedcba9876543210_1__\nx",
+        0,
+    )
+    # a begin marker of another run before this run's own is skipped with the echoed line
+    console._child.sendline("echo __CMA_B_''0123456789abcdef__")
+    assert await console.run("echo mine") == ("mine", 0)
+
+
+async def test_converse_returns_text_before_a_literal_prompt(console: Console) -> None:
+    """``until`` is plain text: regex characters in a program's prompt match themselves."""
+    await console.wait_ready(10, prepare=False)
+    await console.run("stty -echo")
+    out = await console.converse("printf 'one\\ntwo (x+y)* > '", "(x+y)* > ", 5)
+    assert out.endswith("one\ntwo ")
+    assert await console.converse(None, None) == ""
+    assert await console.run("echo back") == ("back", 0)
+
+
 async def test_second_ready_marker_after_a_reboot(console: Console) -> None:
     """A marker already read by someone else (a run, the drain thread) still counts once."""
     assert await console.wait_ready(10, prepare=False) == "/dev/vport0p1"
