@@ -201,8 +201,8 @@ class Cma:
 
     Costs below use r for registered regions, c for live chunks, m for the names in a
     resolved region list, and A for one call of the region's allocator (``bf``: O(log h) in
-    its holes, plus the holes an alignment miss walks over; ``bitmap``: O(pages) scanned in
-    C). Every public method takes one re-entrant lock.
+    its holes, plus the steps of an alignment miss, see its ``alloc``; ``bitmap``: O(pages)
+    scanned in C). Every public method takes one re-entrant lock.
     """
 
     def __init__(self, registry: AllocatorRegistry | None = None) -> None:

@@ -42,7 +42,8 @@ __all__ = ["BestFitAllocator"]
 
 #: Addresses handled: below 2**64, like the C code's unsigned long on a 64-bit host.
 _LIMIT = 1 << 64
-#: A heap is rebuilt when it holds more than twice its live entries plus this many.
+#: A bucket is compacted when its heaps hold more than this many entries beyond twice their
+#: live ones (each live hole has two entries: dead ones then outnumber the live ones).
 _SLACK_ENTRIES = 16
 #: An alignment walk sorts a heap this short in place; a longer one is walked as a heap.
 _SORT_BELOW = 64
@@ -73,7 +74,9 @@ class BestFitAllocator(Allocator):
     """Best fit over a set of free holes; one instance per region.
 
     Costs use h for the number of holes, k for the number of distinct hole sizes (k <= h), b
-    for the holes of one size; construction is O(1).
+    for the holes of one size; construction is O(1). A size that appears or disappears also
+    moves up to k entries of the plain list ``_sizes`` (one memmove; k is small, see the
+    module). Heap costs are amortized: a dead entry is popped or compacted away once.
     """
 
     name: ClassVar[str] = "bf"
@@ -111,10 +114,12 @@ class BestFitAllocator(Allocator):
     def alloc(self, size: int, alignment: int) -> int | None:
         """Take ``size`` bytes from the smallest hole that holds them aligned.
 
-        Runtime complexity: O(log b) (amortized: dead heap entries are popped once) when a
-        hole of exactly ``size`` bytes holds the block, else O(log k + log b); plus one step
-        per hole that is big enough but cannot hold the block at ``alignment`` (only
-        alignments above the page size can miss), and O(log h) while the address index exists.
+        Runtime complexity: O(log b) when a hole of exactly ``size`` bytes holds the block,
+        else O(log k) to find the next size, then per size tried (smallest first, until one
+        holds the block): O(log b) for its lowest start, a look at its by-alignment heaps (at
+        most 65) when that start is misaligned, and for a size with room to spare one O(log b)
+        step per start below the lowest aligned one. Plus O(log h) while the address index
+        exists.
         """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
