@@ -44,8 +44,9 @@ from cma_qemu.agent import Agent
 from cma_qemu.boards import Board, load_board
 from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, EIO, ENODEV
+from cma_qemu.loop_thread import LoopThread
 from cma_qemu.machine.launch import QEMU, PreparedLaunch, kernel_cmdline, prepare_launch
-from cma_qemu.pytest_plugin import SyncAgent, _LoopThread
+from cma_qemu.pytest_plugin import SyncAgent
 
 try:
     from labgrid.driver import QEMUDriver  # type: ignore[import-untyped]
@@ -101,7 +102,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         self._cma_board: Board | None = None
         self._cma_dir: Path | None = None
         self._cma_launch: PreparedLaunch | None = None
-        self._cma_loop: _LoopThread | None = None
+        self._cma_loop: LoopThread | None = None
         self._cma_agent: SyncAgent | None = None
         self._cma_cleanup: Callable[[], None] | None = None
         self._remote_dir: str | None = None
@@ -199,7 +200,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
             return
         launch, board = self._cma_launch, self._cma_board
         assert launch is not None and board is not None
-        loop = _LoopThread()
+        loop = LoopThread()
         try:
             agent = loop.run(
                 Agent.attach(

@@ -21,7 +21,7 @@ Fixtures:
     the test: a panic, a wedged driver or a full tmpfs stays with the test that caused it.
     ``--cma-fresh=restore`` makes ``agent`` and ``guest`` these too (default ``shared``).
 
-The asyncio parts run on a private event loop thread, so tests are plain functions.
+The asyncio parts run on a :class:`~cma_qemu.loop_thread.LoopThread`, so tests are plain functions.
 
 Test reports: a failed test's report carries the console of every board that printed
 something since the test started (a ``Captured stdout: guest console ...`` section: in the
@@ -38,13 +38,10 @@ signal or a timeout abandons is cancelled and waited for, so nothing keeps runni
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +53,7 @@ from cma_qemu import guest_put, lifecycle
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.framework import Chunk, Cma
+from cma_qemu.loop_thread import LoopThread
 from cma_qemu.machine.console import require_success
 from cma_qemu.monitor.commands import MONITOR_OWNER
 from cma_qemu.shell import GuestStub, ScriptResult
@@ -152,52 +150,6 @@ def _write_console_logs(directory: Path, item: pytest.Item) -> None:
         (directory / f"{name}.{board}.log").write_text(text)
 
 
-class _LoopThread:
-    """An event loop in a daemon thread; tests hand it coroutines and wait for the result."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="cma-qemu-loop")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the loop; on a timeout or an interrupt it is cancelled and waited
-        for (up to a minute) before the exception goes on, so it cannot outlive the caller."""
-        done: concurrent.futures.Future[T] = concurrent.futures.Future()
-        started: list[asyncio.Task[T]] = []
-
-        def start() -> None:
-            task = self.loop.create_task(coro)
-            started.append(task)
-            task.add_done_callback(lambda t: _settle(t, done))
-
-        self.loop.call_soon_threadsafe(start)
-        try:
-            return done.result(timeout)
-        except BaseException:
-            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in started])
-            with lifecycle.deferred(), contextlib.suppress(BaseException):
-                done.exception(60)
-            raise
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
-def _settle(task: asyncio.Task[T], done: concurrent.futures.Future[T]) -> None:
-    """Hand a finished task's outcome to the waiting thread."""
-    if task.cancelled():
-        done.cancel()
-    elif (error := task.exception()) is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(task.result())
-
-
 @dataclass(frozen=True)
 class GuestResult:
     """Output (CRs removed, last newline dropped) and exit status of a guest command."""
@@ -212,7 +164,7 @@ class GuestResult:
 class SyncAgent:
     """An :class:`~cma_qemu.agent.Agent` for synchronous test code."""
 
-    def __init__(self, agent: Agent, loop: _LoopThread) -> None:
+    def __init__(self, agent: Agent, loop: LoopThread) -> None:
         self._agent = agent
         self._loop = loop
 
@@ -277,7 +229,7 @@ class SyncAgent:
 class SyncStub:
     """A held ``cma-test`` for synchronous tests."""
 
-    def __init__(self, stub: GuestStub, loop: _LoopThread) -> None:
+    def __init__(self, stub: GuestStub, loop: LoopThread) -> None:
         self._stub = stub
         self._loop = loop
 
@@ -289,7 +241,7 @@ class SyncStub:
 class Guest:
     """The guest console of a booted board."""
 
-    def __init__(self, agent: Agent, loop: _LoopThread) -> None:
+    def __init__(self, agent: Agent, loop: LoopThread) -> None:
         self._agent = agent
         self._loop = loop
 
@@ -366,7 +318,7 @@ class _Boards:
     current: _Boards | None = None
 
     def __init__(self) -> None:
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._sessions: dict[tuple[Any, ...], BoardSession] = {}
         self._labels: dict[tuple[Any, ...], str] = {}
         self._signals = contextlib.ExitStack()
@@ -383,10 +335,10 @@ class _Boards:
         shared = [(boards._labels[key], s) for key, s in list(boards._sessions.items())]
         return shared + list(boards._fresh.items())
 
-    def _loop_thread(self) -> _LoopThread:
+    def _loop_thread(self) -> LoopThread:
         if self._loop is None:
             self._signals.enter_context(lifecycle.signals_interrupt())
-            self._loop = _LoopThread()
+            self._loop = LoopThread()
         return self._loop
 
     def fresh(self, board: str, **attributes: str | None) -> BoardSession:

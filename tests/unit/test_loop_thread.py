@@ -1,4 +1,4 @@
-"""The plugin's loop thread: a coroutine a timeout or an interrupt abandons does not run on."""
+"""LoopThread: a coroutine that a timeout or an interrupt abandons does not run on."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from cma_qemu.pytest_plugin import _LoopThread
+from cma_qemu.loop_thread import LoopThread
 
 
 @pytest.fixture
-def loop() -> Iterator[_LoopThread]:
-    thread = _LoopThread()
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
     yield thread
     thread.stop()
 
 
-def test_result_comes_back(loop: _LoopThread) -> None:
+def test_result_comes_back(loop: LoopThread) -> None:
     async def answer() -> int:
         await asyncio.sleep(0)
         return 42
@@ -27,7 +27,7 @@ def test_result_comes_back(loop: _LoopThread) -> None:
     assert loop.run(answer(), 5) == 42
 
 
-def test_errors_come_back(loop: _LoopThread) -> None:
+def test_errors_come_back(loop: LoopThread) -> None:
     async def fail() -> None:
         raise ValueError("guest said no")
 
@@ -35,7 +35,7 @@ def test_errors_come_back(loop: _LoopThread) -> None:
         loop.run(fail(), 5)
 
 
-def test_a_timeout_cancels_and_waits_for_the_coroutine(loop: _LoopThread) -> None:
+def test_a_timeout_cancels_and_waits_for_the_coroutine(loop: LoopThread) -> None:
     unwound = threading.Event()
 
     async def slow() -> None:
