@@ -706,19 +706,23 @@ class Cma:
         if region.free_space < size:
             region.alloc_pages_fail += pages
             return None
-        if region.allocator is None and (region.attach_failed or not self._attach(region)):
-            region.alloc_pages_fail += pages
-            return None
-        assert region.allocator is not None
-        start = region.allocator.alloc(size, alignment)
+        allocator = region.allocator
+        if allocator is None:
+            if region.attach_failed or not self._attach(region):
+                region.alloc_pages_fail += pages
+                return None
+            allocator = region.allocator
+            assert allocator is not None
+        start = allocator.alloc(size, alignment)
         if start is None:
             region.alloc_pages_fail += pages
             return None
-        if start in self._chunks:
-            region.allocator.free(start, size)
+        chunks = self._chunks
+        if start in chunks:
+            allocator.free(start, size)
             raise EADDRINUSE(f"allocator {region.attached} returned {start:#x} twice")
         chunk = Chunk(start, size, requested, region, owner=owner)
-        self._chunks[start] = chunk
+        chunks[start] = chunk
         if self._by_address is not None:
             self._by_address.add(start)
         region.free_space -= size
@@ -733,15 +737,15 @@ class Cma:
         return chunk
 
     def _release(self, chunk: Chunk) -> None:
-        del self._chunks[chunk.start]
+        start, size, region = chunk.start, chunk.size, chunk.region
+        del self._chunks[start]
         if self._by_address is not None:
-            self._by_address.remove(chunk.start)
-        region = chunk.region
+            self._by_address.remove(start)
         assert region.allocator is not None
-        region.allocator.free(chunk.start, chunk.size)
-        region.free_space += chunk.size
+        region.allocator.free(start, size)
+        region.free_space += size
         region.users -= 1
-        region.release_pages_success += chunk.size // PAGE_SIZE
+        region.release_pages_success += size // PAGE_SIZE
         chunk.refcount = 0
         if self._listeners or self._change_listeners:
             self._emit(FreeEvent(chunk))

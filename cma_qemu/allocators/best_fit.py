@@ -173,12 +173,17 @@ class BestFitAllocator(Allocator):
         else:
             self._check_free_against_holes(start, end)
             self._used = None  # a part of a block (or several) is free now: trust the index
-        new_start = self._hole_start.get(start, start)
-        if new_start != start:
+        hole_start, hole_end = self._hole_start, self._hole_end
+        if start in hole_start:  # the hole before ends where the block begins: merge
+            new_start = hole_start[start]
             self._drop_hole(new_start, start)
-        new_end = self._hole_end.get(end, end)
-        if new_end != end:
+        else:
+            new_start = start
+        if end in hole_end:  # and the hole after begins where it ends
+            new_end = hole_end[end]
             self._drop_hole(end, new_end)
+        else:
+            new_end = end
         self._add_hole(new_start, new_end)
 
     def reserve(self, start: int, size: int) -> bool:
