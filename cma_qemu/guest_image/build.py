@@ -28,6 +28,7 @@ from pathlib import Path
 from cma_qemu.errors import EINVAL, EIO, ENODEV, ENOENT, CmaError
 from cma_qemu.guest_image import apt, host, kmod
 from cma_qemu.guest_image.apt import Package
+from cma_qemu.guest_image.cache import COMPLETE, is_complete, publishing
 from cma_qemu.guest_image.cpio import CpioWriter
 from cma_qemu.guest_image.modules import collect_modules
 from cma_qemu.shipped import shipped_dir
@@ -67,7 +68,6 @@ CROSS_CC = "arm-linux-gnueabihf-gcc"
 FORMAT_VERSION = 1
 
 _MANIFEST = "manifest.json"
-_COMPLETE = ".complete"
 
 Progress = Callable[[str], None]
 
@@ -183,38 +183,21 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _fresh_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    (tmp / _COMPLETE).touch()
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 def _fetch_package(
     pkg: Package, cache: Path, progress: Progress, keep: Callable[[Path, Path], None]
 ) -> Path:
     """Downloads and extracts ``pkg`` once; ``keep(root, out)`` copies what we need to ``out``."""
     final = cache / "packages" / pkg.dirname
-    if (final / _COMPLETE).is_file():
+    if is_complete(final):
         return final
-    tmp = _fresh_dir(final)
-    try:
-        with tempfile.TemporaryDirectory(dir=cache) as work_s:
-            work = Path(work_s)
-            progress(f"downloading {pkg.name}:{apt.ARCH} {pkg.version}")
-            deb = apt.download(pkg, work)
-            progress(f"extracting {deb.name}")
-            root = work / "root"
-            apt.extract(deb, root)
-            keep(root, tmp)
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publishing(final) as tmp, tempfile.TemporaryDirectory(dir=cache) as work_s:
+        work = Path(work_s)
+        progress(f"downloading {pkg.name}:{apt.ARCH} {pkg.version}")
+        deb = apt.download(pkg, work)
+        progress(f"extracting {deb.name}")
+        root = work / "root"
+        apt.extract(deb, root)
+        keep(root, tmp)
     return final
 
 
@@ -229,10 +212,8 @@ def _wanted_modules() -> str:
 def _forget_stale_modules(kdir: Path) -> None:
     """A kernel package kept for another GUEST_MODULES list is extracted again (O(1))."""
     wanted = kdir / "modules" / _WANTED
-    if (kdir / _COMPLETE).is_file() and (
-        not wanted.is_file() or wanted.read_text() != _wanted_modules()
-    ):
-        (kdir / _COMPLETE).unlink()
+    if is_complete(kdir) and (not wanted.is_file() or wanted.read_text() != _wanted_modules()):
+        (kdir / COMPLETE).unlink()
 
 
 def _keep_kernel(flavour: str, release: str) -> Callable[[Path, Path], None]:
@@ -278,14 +259,13 @@ def _keep_busybox(root: Path, out: Path) -> None:
 def _build_stub(src: Path, cache: Path, progress: Progress) -> tuple[Path, str]:
     key = stub_key(src)
     final = cache / "stub" / key
-    if (final / _COMPLETE).is_file():
+    if is_complete(final):
         return final / "cma-test", key
     host.require_tool(
         CROSS_CC, "run `sudo apt-get install gcc-arm-linux-gnueabihf libc6-dev-armhf-cross`"
     )
     progress(f"cross-compiling cma-test ({key})")
-    tmp = _fresh_dir(final)
-    try:
+    with publishing(final) as tmp:
         argv = [CROSS_CC, *STUB_CFLAGS, "-o", str(tmp / "cma-test"), str(src / "cma-test.c")]
         res = host.run(argv)
         if res.returncode != 0:
@@ -298,9 +278,6 @@ def _build_stub(src: Path, cache: Path, progress: Progress) -> tuple[Path, str]:
                 f"cross-compiling cma-test.c failed{hint}:\n{host.tail(res.stderr, 20)}",
                 where="guest build",
             )
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final / "cma-test", key
 
 
@@ -398,7 +375,7 @@ def build_guest(
             modules = [*order_file.read_text().split(), *kmod.guest_kmod_names(src)]
             key = initrd_key(flavour, kpkg, bpkg, f"{skey}+{kkey}", init, modules)
             current = _image_from_manifest(flavour, manifest)
-            if current is not None and current.key == key and (kdir / _COMPLETE).is_file():
+            if current is not None and current.key == key and is_complete(kdir):
                 say(f"guest image {flavour} is up to date ({kpkg.name} {kpkg.version}, key {key})")
                 return current
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cma_qemu.errors import EINVAL, EIO, ENOENT
 from cma_qemu.guest_image import apt, host
+from cma_qemu.guest_image.cache import is_complete, publishing
 
 __all__ = [
     "CROSS_COMPILE",
@@ -52,8 +53,6 @@ GUEST_KMOD = "cma_guest"
 
 #: Bumped when the build recipe changes, so cached modules rebuild.
 RECIPE_VERSION = 1
-
-_COMPLETE = ".complete"
 
 Progress = Callable[[str], None]
 
@@ -112,11 +111,9 @@ def kbuild_tree(release: str, version: str, cache: Path, progress: Progress) -> 
     """The header tree of ``release`` at ``version``: downloaded and unpacked once, cached."""
     final = cache / "kbuild" / f"{release}_{version.replace(':', '%3a')}"
     build_dir = final / "usr/src" / f"linux-headers-{release}"
-    if (final / _COMPLETE).is_file():
+    if is_complete(final):
         return KbuildTree(release, version, build_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with publishing(final) as tmp:
         with tempfile.TemporaryDirectory(dir=cache) as work_s:
             work = Path(work_s)
             for spec in kbuild_packages(release, version, _host_arch()):
@@ -145,12 +142,6 @@ def kbuild_tree(release: str, version: str, cache: Path, progress: Progress) -> 
             raise ENOENT(f"the header packages of {release} hold no Makefile", where="module build")
         # the flavour's Makefile includes /usr/src/...-common/Makefile: point it into this tree
         (flavour_dir / "Makefile").write_text(f"include {common}/Makefile\n")
-        (tmp / _COMPLETE).touch()
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return KbuildTree(release, version, build_dir)
 
 
@@ -197,50 +188,41 @@ def build_module(
         [*sources, *headers, *extra_symbols],
     )
     final = cache / "kmod" / key
-    if (final / _COMPLETE).is_file():
+    if is_complete(final):
         kos = tuple(sorted(final.glob("*.ko")))
         return BuiltModule(kos, final / "Module.symvers", key, 0.0)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
-        with tempfile.TemporaryDirectory(dir=cache) as work_s:
-            work = Path(work_s) / "src"
-            shutil.copytree(src, work, ignore=shutil.ignore_patterns("*.ko", "*.o", ".*"))
-            flags = " ".join(f"-I{d.resolve()}" for d in include)
-            argv = [
-                "make", "-C", str(tree.build_dir), f"M={work}", "ARCH=arm",
-                f"CROSS_COMPILE={CROSS_COMPILE}", f"KCFLAGS={flags}",
-                "KBUILD_EXTRA_SYMBOLS=" + " ".join(str(p.resolve()) for p in extra_symbols),
-                "modules",
-            ]  # fmt: skip
-            progress(f"building the kernel module(s) in {src} for {tree.release}")
-            started = time.monotonic()
-            res = host.run(argv)
-            seconds = time.monotonic() - started
-            built = sorted(work.glob("*.ko"))
-            if res.returncode != 0 or not built:
-                raise EIO(
-                    f"building the kernel module in {src} for {tree.release} failed:\n"
-                    f"{host.tail(res.stderr or res.stdout, 20)}",
-                    where="module build",
-                )
-            for ko in built:
-                strip = host.run(
-                    [f"{CROSS_COMPILE}strip", "--strip-debug", "-o", str(tmp / ko.name), str(ko)]
-                )
-                if strip.returncode != 0:
-                    shutil.copyfile(ko, tmp / ko.name)
-            symvers = work / "Module.symvers"
-            if symvers.is_file():
-                shutil.copyfile(symvers, tmp / "Module.symvers")
-            else:
-                (tmp / "Module.symvers").write_text("")
-        (tmp / _COMPLETE).touch()
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publishing(final) as tmp, tempfile.TemporaryDirectory(dir=cache) as work_s:
+        work = Path(work_s) / "src"
+        shutil.copytree(src, work, ignore=shutil.ignore_patterns("*.ko", "*.o", ".*"))
+        flags = " ".join(f"-I{d.resolve()}" for d in include)
+        argv = [
+            "make", "-C", str(tree.build_dir), f"M={work}", "ARCH=arm",
+            f"CROSS_COMPILE={CROSS_COMPILE}", f"KCFLAGS={flags}",
+            "KBUILD_EXTRA_SYMBOLS=" + " ".join(str(p.resolve()) for p in extra_symbols),
+            "modules",
+        ]  # fmt: skip
+        progress(f"building the kernel module(s) in {src} for {tree.release}")
+        started = time.monotonic()
+        res = host.run(argv)
+        seconds = time.monotonic() - started
+        built = sorted(work.glob("*.ko"))
+        if res.returncode != 0 or not built:
+            raise EIO(
+                f"building the kernel module in {src} for {tree.release} failed:\n"
+                f"{host.tail(res.stderr or res.stdout, 20)}",
+                where="module build",
+            )
+        for ko in built:
+            strip = host.run(
+                [f"{CROSS_COMPILE}strip", "--strip-debug", "-o", str(tmp / ko.name), str(ko)]
+            )
+            if strip.returncode != 0:
+                shutil.copyfile(ko, tmp / ko.name)
+        symvers = work / "Module.symvers"
+        if symvers.is_file():
+            shutil.copyfile(symvers, tmp / "Module.symvers")
+        else:
+            (tmp / "Module.symvers").write_text("")
     return BuiltModule(tuple(sorted(final.glob("*.ko"))), final / "Module.symvers", key, seconds)
 
 
@@ -271,7 +253,7 @@ def build_guest_kmod(
     if not key:
         return None
     final = cache / "kmod" / key
-    if (final / _COMPLETE).is_file():
+    if is_complete(final):
         return BuiltModule(tuple(sorted(final.glob("*.ko"))), final / "Module.symvers", key, 0.0)
     tree = kbuild_tree(release, version, cache, progress)
     return build_module(
