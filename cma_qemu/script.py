@@ -240,20 +240,6 @@ class ScriptRunner:
         self.failures = 0
         self.allocations = 0
         self.failed_allocations = 0
-        self._commands: dict[str, Callable[[str, list[str]], None]] = {}
-        for names, handler in (
-            (("alloc", "a"), self._alloc),
-            (("alloc-from", "r"), self._alloc_from),
-            (("free", "f"), self._free),
-            (("list", "l"), self._list),
-            (("info", "i"), self._info),
-            (("write", "w"), self._write),
-            (("verify", "v"), self._verify),
-            (("bench", "b"), self._bench),
-            (("ping", "p"), self._ping),
-        ):
-            for name in names:
-                self._commands[name] = handler
 
     # ------------------------------------------------------------------ input
     def run(self, text: str, progress: Callable[[int, int], None] | None = None) -> None:
@@ -280,7 +266,7 @@ class ScriptRunner:
         """:meth:`run_line` for each line, with the usual line's path inline (one Python call
         less per line): short, starting with the command, words one space apart, no tab or
         NUL. Any other line goes through :meth:`run_line`."""
-        commands = self._commands
+        commands = _COMMANDS
         run_line = self.run_line
         for line in lines:
             if (
@@ -295,7 +281,7 @@ class ScriptRunner:
                 if handler is not None and "" not in words:
                     self.previous = line
                     try:
-                        handler(words[0], words[1:])
+                        handler(self, words[0], words[1:])
                     except _LineError as error:
                         self._error(words[0], error.errno_name, error.message)
                     except CmaError as error:
@@ -325,12 +311,12 @@ class ScriptRunner:
         if "" in words:
             words = [word for word in words if word]
         command, args = words[0], words[1:]
-        handler = self._commands.get(command)
+        handler = _COMMANDS.get(command)
         if handler is None:
             self._error(command, "EINVAL", "unknown command")
             return
         try:
-            handler(command, args)
+            handler(self, command, args)
         except _LineError as error:
             self._error(command, error.errno_name, error.message)
         except CmaError as error:
@@ -506,3 +492,24 @@ class ScriptRunner:
             f"{name}: n={len(samples)} p50={_percentile(samples, 0.5)}us "
             f"p99={_percentile(samples, 0.99)}us\n"
         )
+
+
+#: Command name -> handler, shared by every runner. Plain functions rather than one runner's
+#: bound methods: a dict of those would make each runner a reference cycle, freed only by the
+#: cycle collector, so a replay's 100k live chunks would wait for a collection (at exit, a
+#: tenth of a second) instead of going when the runner goes.
+_COMMANDS: dict[str, Callable[[ScriptRunner, str, list[str]], None]] = {
+    name: handler
+    for names, handler in (
+        (("alloc", "a"), ScriptRunner._alloc),
+        (("alloc-from", "r"), ScriptRunner._alloc_from),
+        (("free", "f"), ScriptRunner._free),
+        (("list", "l"), ScriptRunner._list),
+        (("info", "i"), ScriptRunner._info),
+        (("write", "w"), ScriptRunner._write),
+        (("verify", "v"), ScriptRunner._verify),
+        (("bench", "b"), ScriptRunner._bench),
+        (("ping", "p"), ScriptRunner._ping),
+    )
+    for name in names
+}
