@@ -736,9 +736,11 @@ class Cma:
             raise ENOENT(f"no chunk starts at {addr:#x}")
         return chunk
 
-    def _release(self, chunk: Chunk) -> None:
+    def _release(self, chunk: Chunk, taken: bool = False) -> None:
+        """Free a live chunk; ``taken``: the caller has popped it from ``_chunks`` already."""
         start, size, region = chunk.start, chunk.size, chunk.region
-        del self._chunks[start]
+        if not taken:
+            del self._chunks[start]
         if self._by_address is not None:
             self._by_address.remove(start)
         assert region.allocator is not None
@@ -831,10 +833,10 @@ class Cma:
         Runtime complexity: O(A) (O(log c + A) once the address index is built).
         """
         with self._lock:
-            chunk = self._chunks.get(addr)
+            chunk = self._chunks.pop(addr, None)  # one lookup: _release knows it is out
             if chunk is None:
                 raise ENOENT(f"no chunk starts at {addr:#x}")
-            self._release(chunk)
+            self._release(chunk, taken=True)
             return chunk
 
     def release_owner(self, owner: str) -> list[Chunk]:

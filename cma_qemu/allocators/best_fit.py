@@ -167,12 +167,18 @@ class BestFitAllocator(Allocator):
                 f"{self.size:#x}@{self.start:#x}",
                 where="bf",
             )
+        # A block handed out is disjoint from every hole by construction; anything else is
+        # checked against the holes around it (and from then on every free is).
         used = self._used
-        if used is not None and used.get(start) == size:
-            del used[start]  # a block handed out: disjoint from every hole by construction
-        else:
+        if used is None:
             self._check_free_against_holes(start, end)
-            self._used = None  # a part of a block (or several) is free now: trust the index
+        else:
+            handed_out = used.pop(start, None)  # one lookup in the usual case
+            if handed_out != size:
+                if handed_out is not None:
+                    used[start] = handed_out  # a different block starts here: put it back
+                self._check_free_against_holes(start, end)
+                self._used = None  # part of a block (or several) is free now: use the index
         hole_start, hole_end = self._hole_start, self._hole_end
         if start in hole_start:  # the hole before ends where the block begins: merge
             new_start = hole_start[start]
