@@ -173,3 +173,28 @@ def test_ids_are_reused_lowest_first_after_many_frees() -> None:
         chunks.remove(chunk_id)
     assert [chunks.add(0, 1) for _ in range(5)] == [3, 4, 50, 70, 101]
     assert chunks.newest() == 101
+
+
+def test_newest_and_order_survive_many_frees_and_rebuilds() -> None:
+    """Thousands of adds and frees (the dead-id list is rebuilt many times) against the model:
+    the same ids, the same newest, the same allocation order."""
+    import random
+
+    rng = random.Random(3)
+    fast, naive = LiveChunks(), NaiveChunks()
+    for step in range(20_000):
+        if naive.chunks and rng.random() < (0.6 if len(naive.chunks) > 50 else 0.4):
+            victim = (
+                naive.newest()
+                if rng.random() < 0.3
+                else rng.choice(list(naive.chunks))  # O(n) model, fine at this size
+            )
+            assert victim is not None
+            fast.remove(victim)
+            del naive.chunks[victim]
+        else:
+            assert fast.add(step, 1) == naive.add(step, 1)
+        assert fast.newest() == naive.newest()
+    assert [(i, c.start, c.size) for i, c in fast.items()] == [
+        (i, s, n) for i, (s, n) in naive.chunks.items()
+    ]
