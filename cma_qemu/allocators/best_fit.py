@@ -8,8 +8,8 @@ by structures that cost less per call in CPython:
 * by size: ``_sizes``, the distinct hole sizes in order (a plain sorted list, changed only
   when a size appears or disappears; k distinct sizes sum to at most the region, so k stays
   small: below sqrt(2 * region / page) for page-multiple holes), and per size a
-  :class:`_Bucket`: a min-heap of hole starts, and the same starts again by how aligned each
-  is. The usual request, one whose size some hole has exactly, is two dict lookups and a look
+  :class:`_Bucket`: a min-heap of hole starts, and the same starts again by their offset in
+  a 64 KiB block. The usual request, one whose size some hole has exactly, is two dict lookups and a look
   at a heap's top. Heap entries are dropped lazily: an entry is live while ``_hole_end``
   still says that hole has that size, and a bucket is compacted when its dead entries
   outnumber its live ones;
@@ -21,9 +21,10 @@ by structures that cost less per call in CPython:
   date, at the previous cost of one sorted insert or delete per hole change.
 
 Equal sizes go lowest address first, as before: a heap's top is its lowest start; when it
-cannot hold an aligned request, the lowest start that is aligned already comes from the
-by-alignment heaps, and only a hole with room to spare is walked in address order below that
-start (see :meth:`BestFitAllocator._lowest_fit`).
+cannot hold an aligned request, the offset of a start in its 64 KiB block says how much
+padding any alignment up to 64 KiB needs there, so the lowest start that fits is the lowest
+top among the offset heaps that fit; only a bigger alignment walks the starts in address
+order (see :meth:`BestFitAllocator._lowest_fit`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ _LIMIT = 1 << 64
 _SLACK_ENTRIES = 16
 #: An alignment walk sorts a heap this short in place; a longer one is walked as a heap.
 _SORT_BELOW = 64
+#: Starts are also filed by their offset in a block of this many bytes, which tells for any
+#: alignment up to it whether a start needs padding and how much (16 offsets for page-aligned
+#: holes).
+_OFFSET_SPAN = 64 << 10
+_OFFSET_MASK = _OFFSET_SPAN - 1
 
 
 def _check_alignment(alignment: int) -> None:
@@ -56,17 +62,17 @@ def _check_alignment(alignment: int) -> None:
 
 
 class _Bucket:
-    """The holes of one size: their starts in a min-heap, and again by how aligned each start
-    is (``aligned[r]``: the starts whose lowest set bit is bit r - 1, r = 0 for start 0), so
-    an aligned request finds the lowest start it fits without walking. Entries of dropped
-    holes stay until they reach a heap's top or the bucket is compacted."""
+    """The holes of one size: their starts in a min-heap, and again by offset in a 64 KiB
+    block (``by_offset[start % 64K]``), so a request aligned to at most 64 KiB finds the
+    lowest start it fits by looking at one heap top per offset, without walking. Entries of
+    dropped holes stay until they reach a heap's top or the bucket is compacted."""
 
-    __slots__ = ("aligned", "count", "entries", "starts")
+    __slots__ = ("by_offset", "count", "entries", "starts")
 
     def __init__(self, start: int) -> None:
         self.count = 1  # live holes
         self.starts = [start]
-        self.aligned = {(start & -start).bit_length(): [start]}
+        self.by_offset = {start & _OFFSET_MASK: [start]}
         self.entries = 2  # entries in all the heaps, dead ones included
 
 
@@ -116,10 +122,11 @@ class BestFitAllocator(Allocator):
 
         Runtime complexity: O(log b) when a hole of exactly ``size`` bytes holds the block,
         else O(log k) to find the next size, then per size tried (smallest first, until one
-        holds the block): O(log b) for its lowest start, a look at its by-alignment heaps (at
-        most 65) when that start is misaligned, and for a size with room to spare one O(log b)
-        step per start below the lowest aligned one. Plus O(log h) while the address index
-        exists.
+        holds the block): O(log b) for its lowest start and, when that start is misaligned,
+        one look per distinct offset of its starts in a 64 KiB block (at most 16 for
+        page-aligned holes) for an alignment up to 64 KiB, or a walk over its starts in
+        address order, O(log b) a step, for a bigger one. Plus O(log h) while the address
+        index exists.
         """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
@@ -290,11 +297,11 @@ class BestFitAllocator(Allocator):
         else:
             bucket.count += 1
             heappush(bucket.starts, start)
-            aligned = bucket.aligned
-            rank = (start & -start).bit_length()
-            heap = aligned.get(rank)
+            by_offset = bucket.by_offset
+            offset = start & _OFFSET_MASK
+            heap = by_offset.get(offset)
             if heap is None:
-                aligned[rank] = [start]
+                by_offset[offset] = [start]
             else:
                 heappush(heap, start)
             bucket.entries += 2
@@ -324,18 +331,17 @@ class BestFitAllocator(Allocator):
         hole_end = self._hole_end
         live = sorted({s for s in bucket.starts if hole_end.get(s) == s + size})
         bucket.starts = live
-        bucket.aligned = {}
+        bucket.by_offset = {}
         for start in live:  # in order, so each list is sorted, hence a heap
-            bucket.aligned.setdefault((start & -start).bit_length(), []).append(start)
+            bucket.by_offset.setdefault(start & _OFFSET_MASK, []).append(start)
         bucket.entries = 2 * len(live)
 
     def _lowest_fit(self, hsize: int, bucket: _Bucket, size: int, mask: int) -> int | None:
         """The lowest start of a ``hsize`` hole that holds ``size`` bytes at ``mask + 1``.
 
-        The heap's top usually does. If not, the lowest start aligned to ``mask + 1`` (from
-        the per-alignment heaps: no padding needed) bounds the answer, and only a hole with
-        some slack (``hsize > size``) can beat it with a start that needs padding, so only
-        then are the starts below that bound walked in address order.
+        The heap's top usually does. If not, and the alignment is at most 64 KiB, the
+        by-offset heaps answer in one look per offset (at most 16 for page-aligned holes);
+        a bigger alignment walks the starts in address order.
         """
         hole_end = self._hole_end
         starts = bucket.starts
@@ -348,33 +354,32 @@ class BestFitAllocator(Allocator):
         slack = hsize - size
         if -top & mask <= slack:
             return top
-        bound = None
-        rank_needed = (mask + 1).bit_length()
-        for rank, heap in bucket.aligned.items():
-            if rank >= rank_needed or rank == 0:  # rank 0: the start 0, aligned to anything
-                while heap and hole_end.get(heap[0]) != heap[0] + hsize:
-                    heappop(heap)
-                    bucket.entries -= 1
-                if heap and (bound is None or heap[0] < bound):
-                    bound = heap[0]
-        if not slack:
-            return bound
+        if mask < _OFFSET_SPAN:
+            # A start's offset in its 64 KiB block gives its padding for this alignment: the
+            # answer is the lowest live top among the offsets that need no more than the
+            # hole has to spare. No walk.
+            best = None
+            for offset, heap in bucket.by_offset.items():
+                if -offset & mask <= slack:
+                    while heap and hole_end.get(heap[0]) != heap[0] + hsize:
+                        heappop(heap)
+                        bucket.entries -= 1
+                    if heap and (best is None or heap[0] < best):
+                        best = heap[0]
+            return best
+        # A bigger alignment: walk the starts in address order.
         if len(starts) <= _SORT_BELOW:
             starts.sort()  # address order for the walk; a sorted list is still a heap
             for start in starts:
-                if bound is not None and start >= bound:
-                    break
                 if -start & mask <= slack and hole_end.get(start) == start + hsize:
                     return start
-            return bound
+            return None
         # A big heap: visit it in address order without reordering it (a second heap of the
         # entries whose parents were visited), so the walk costs O(steps * log b).
         length = len(starts)
         frontier = [(top, 0)]
         while frontier:
             start, i = heappop(frontier)
-            if bound is not None and start >= bound:
-                break
             if -start & mask <= slack and hole_end.get(start) == start + hsize:
                 return start
             child = 2 * i + 1
@@ -382,7 +387,7 @@ class BestFitAllocator(Allocator):
                 heappush(frontier, (starts[child], child))
                 if child + 1 < length:
                     heappush(frontier, (starts[child + 1], child + 1))
-        return bound
+        return None
 
     def _take(self, hstart: int, hsize: int, size: int, alignment: int) -> int:
         """Carve the chunk out of the hole ``[hstart, hstart+hsize)`` (cases 1-3)."""

@@ -213,9 +213,10 @@ def test_a_block_freed_twice_is_refused() -> None:
 def test_many_holes_of_one_size_against_the_model(
     monkeypatch: pytest.MonkeyPatch, sort_below: int, slack_entries: int
 ) -> None:
-    """Hundreds of equal holes and aligned requests: the walk in address order through a big
-    heap (``_SORT_BELOW`` 0), a sorted short one, and compaction at every step
-    (``_SLACK_ENTRIES`` 0) all place every chunk where the brute-force model does."""
+    """Hundreds of equal holes and aligned requests: the by-offset lookup (alignments up to
+    64 KiB), the walk in address order for bigger ones, through a big heap (``_SORT_BELOW``
+    0) or a sorted short one, and compaction at every step (``_SLACK_ENTRIES`` 0) all place
+    every chunk where the brute-force model does."""
     import random
 
     from test_allocators_properties import best_fit_place, carve, give_back
@@ -241,7 +242,7 @@ def test_many_holes_of_one_size_against_the_model(
             model = give_back(model, start, size)
         else:
             size = rng.choice([1, 1, 2, 3]) * P
-            alignment = rng.choice([1, 1, 2, 4, 16]) * P
+            alignment = rng.choice([1, 1, 2, 4, 16, 32, 64]) * P  # 32, 64: above 64 KiB
             got = bf.alloc(size, alignment)
             assert got == best_fit_place(model, size, alignment)
             if got is not None:
