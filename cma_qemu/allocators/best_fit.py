@@ -9,10 +9,10 @@ by structures that cost less per call in CPython:
   when a size appears or disappears; k distinct sizes sum to at most the region, so k stays
   small: below sqrt(2 * region / page) for page-multiple holes), and per size a
   :class:`_Bucket`: a min-heap of hole starts, and the same starts again by their offset in
-  a 64 KiB block. The usual request, one whose size some hole has exactly, is two dict lookups and a look
-  at a heap's top. Heap entries are dropped lazily: an entry is live while ``_hole_end``
-  still says that hole has that size, and a bucket is compacted when its dead entries
-  outnumber its live ones;
+  a 64 KiB block. The usual request, one whose size some hole has exactly, is two dict
+  lookups and a look at a heap's top. Heap entries are dropped lazily: an entry is live
+  while ``_hole_end`` still says that hole has that size, and a bucket is compacted when its
+  dead entries outnumber its live ones;
 * by start: two dicts, start -> end and end -> start, for coalescing on free, and a dict of
   the blocks handed out, which proves a free is not a double free without an ordered search;
 * an address-ordered index of hole starts (``_by_start``) only once something needs one:
