@@ -341,7 +341,7 @@ class BestFitAllocator(Allocator):
 
         The heap's top usually does. If not, and the alignment is at most 64 KiB, the
         by-offset heaps answer in one look per offset (at most 16 for page-aligned holes);
-        a bigger alignment walks the starts in address order.
+        a bigger alignment walks, in address order, the offsets whose starts can fit.
         """
         hole_end = self._hole_end
         starts = bucket.starts
@@ -367,26 +367,40 @@ class BestFitAllocator(Allocator):
                     if heap and (best is None or heap[0] < best):
                         best = heap[0]
             return best
-        # A bigger alignment: walk the starts in address order.
-        if len(starts) <= _SORT_BELOW:
-            starts.sort()  # address order for the walk; a sorted list is still a heap
-            for start in starts:
+        # A bigger alignment: a start's 64 KiB offset still rules most out (its padding is at
+        # least the padding to the next 64 KiB), so only the offsets that can fit are
+        # walked, each in address order up to its first fit; the lowest of those wins.
+        best = None
+        for offset, heap in bucket.by_offset.items():
+            if -offset & _OFFSET_MASK <= slack:
+                found = self._first_fit_in(heap, hsize, slack, mask)
+                if found is not None and (best is None or found < best):
+                    best = found
+        return best
+
+    def _first_fit_in(self, heap: list[int], hsize: int, slack: int, mask: int) -> int | None:
+        """The lowest live start in ``heap`` (starts of ``hsize`` holes) whose padding to
+        ``mask + 1`` is at most ``slack``: a walk in address order, O(log b) a step."""
+        hole_end = self._hole_end
+        if len(heap) <= _SORT_BELOW:
+            heap.sort()  # address order for the walk; a sorted list is still a heap
+            for start in heap:
                 if -start & mask <= slack and hole_end.get(start) == start + hsize:
                     return start
             return None
         # A big heap: visit it in address order without reordering it (a second heap of the
-        # entries whose parents were visited), so the walk costs O(steps * log b).
-        length = len(starts)
-        frontier = [(top, 0)]
+        # entries whose parents were visited).
+        length = len(heap)
+        frontier = [(heap[0], 0)]
         while frontier:
             start, i = heappop(frontier)
             if -start & mask <= slack and hole_end.get(start) == start + hsize:
                 return start
             child = 2 * i + 1
             if child < length:
-                heappush(frontier, (starts[child], child))
+                heappush(frontier, (heap[child], child))
                 if child + 1 < length:
-                    heappush(frontier, (starts[child + 1], child + 1))
+                    heappush(frontier, (heap[child + 1], child + 1))
         return None
 
     def _take(self, hstart: int, hsize: int, size: int, alignment: int) -> int:
