@@ -23,8 +23,8 @@ by structures that cost less per call in CPython:
 Equal sizes go lowest address first, as before: a heap's top is its lowest start; when it
 cannot hold an aligned request, the offset of a start in its 64 KiB block says how much
 padding any alignment up to 64 KiB needs there, so the lowest start that fits is the lowest
-top among the offset heaps that fit; only a bigger alignment walks the starts in address
-order (see :meth:`BestFitAllocator._lowest_fit`).
+top among the offset heaps that fit; only a bigger alignment walks, in address order, the
+starts at offsets that can fit (see :meth:`BestFitAllocator._lowest_fit`).
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ class BestFitAllocator(Allocator):
         else O(log k) to find the next size, then per size tried (smallest first, until one
         holds the block): O(log b) for its lowest start and, when that start is misaligned,
         one look per distinct offset of its starts in a 64 KiB block (at most 16 for
-        page-aligned holes) for an alignment up to 64 KiB, or a walk over its starts in
-        address order, O(log b) a step, for a bigger one. Plus O(log h) while the address
-        index exists.
+        page-aligned holes) for an alignment up to 64 KiB; for a bigger one, a walk in address
+        order over the starts at the offsets that can fit, O(log b) a step, up to the first
+        fit at each. Plus O(log h) while the address index exists.
         """
         if size <= 0:
             raise EINVAL(f"size {size:#x} must be positive", where="bf")
