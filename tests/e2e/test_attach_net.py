@@ -10,7 +10,6 @@ listens fail to connect, those after it are sessions ``guest:net:N`` of the atta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any, ClassVar
 
 import pexpect
 import pytest
-from machine_helpers import PROMPT, HarnessQemu
+from machine_helpers import PROMPT, HarnessQemu, read_json
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -133,20 +132,6 @@ async def test_a_second_attach_leaves_the_first_agents_channel_alone(
         await agent.close()
     assert not qemu.channel_socket.exists()
     assert (await qemu.qmp("query-status"))["status"] == "running"
-
-
-def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The first JSON object ``cma-qemu attach --json`` prints (it may span lines)."""
-    assert proc.stdout is not None
-    text = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        assert line, f"attach exited: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
-        text += line
-        with contextlib.suppress(json.JSONDecodeError):
-            return dict(json.loads(text))
-    raise AssertionError(f"no JSON from attach in {timeout}s: {text!r}")
 
 
 async def test_cli_attach_serves_a_net_board_and_exits_with_qemu(qemu: Qemu) -> None:
