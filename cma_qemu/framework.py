@@ -602,21 +602,14 @@ class Cma:
                     self._emit(AllocFailedEvent(dev, kind, (), size, alignment, error))
                     raise
             names, regions = target
-            for region in regions:
-                chunk = self._alloc_in(region, size, size_r, align_r, owner)
-                if chunk is not None:
-                    if self._listeners or self._change_listeners:  # no event object for no one
-                        self._emit(AllocEvent(chunk, dev, kind or "", align_r, names))
-                    return chunk
-            self._no_room(names, size, size_r, align_r, dev, kind or "")
+            return self._alloc_first(names, regions, size, size_r, align_r, dev, kind or "", owner)
 
     def _target(self, dev: str, kind: str) -> tuple[tuple[str, ...], tuple[Region, ...]]:
         """The names the map gives (dev, kind) and the regions they find, remembered."""
         target = self._targets.get((dev, kind))
         if target is None:
             names = self._names_for(dev, kind)
-            found = (self._named_region(name) for name in names)
-            target = (names, tuple(region for region in found if region is not None))
+            target = (names, self._regions_named(names))
             if len(self._targets) >= _MAX_TARGETS:
                 self._targets.clear()
             self._targets[dev, kind] = target
@@ -636,7 +629,8 @@ class Cma:
             except CmaError as error:
                 self._emit(AllocFailedEvent(None, None, (), size, alignment, error))
                 raise
-            return self._alloc_first(names, size, size_r, align_r, None, None, owner)
+            found = self._regions_named(names)
+            return self._alloc_first(names, found, size, size_r, align_r, None, None, owner)
 
     def alloc_from_region(
         self, region: Region, size: int, alignment: int = 0, *, owner: str | None = None
@@ -664,9 +658,15 @@ class Cma:
             self._emit(AllocEvent(chunk, None, None, align_r))
             return chunk
 
+    def _regions_named(self, names: tuple[str, ...]) -> tuple[Region, ...]:
+        """The registered regions ``names`` finds, in order; a name that finds none is skipped."""
+        found = (self._named_region(name) for name in names)
+        return tuple(region for region in found if region is not None)
+
     def _alloc_first(
         self,
         names: tuple[str, ...],
+        regions: tuple[Region, ...],
         requested: int,
         size: int,
         alignment: int,
@@ -674,10 +674,8 @@ class Cma:
         kind: str | None,
         owner: str | None,
     ) -> Chunk:
-        for name in names:
-            region = self._named_region(name)
-            if region is None:
-                continue
+        """The first of ``regions`` (what ``names`` found) with room; ENOMEM naming ``names``."""
+        for region in regions:
             chunk = self._alloc_in(region, requested, size, alignment, owner)
             if chunk is not None:
                 if self._listeners or self._change_listeners:  # no event object for no one
