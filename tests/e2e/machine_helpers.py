@@ -6,6 +6,7 @@ suite must say so rather than pass without the tests that need it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -55,6 +56,14 @@ def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
             except ValueError:
                 continue
     raise AssertionError(f"no JSON from cma-qemu in {timeout} s: {data!r}")
+
+
+async def until(predicate: Any, timeout: float = 10) -> None:
+    """Wait until ``predicate()`` is true (a chunk freed by a closing port, say), polling."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
 
 
 PROMPT = "cma# "

@@ -23,7 +23,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from machine_helpers import PROMPT, STUB_PROMPT, HarnessQemu, read_json
+from machine_helpers import PROMPT, STUB_PROMPT, HarnessQemu, read_json, until
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -93,13 +93,6 @@ def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
         child.close(force=True)
 
 
-async def _until(predicate: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_agent_attach_serves_the_guest_and_leaves_qemu_running(qemu: Qemu) -> None:
     agent = await Agent.attach(BOARD, qemu.files.qmp_socket, qemu.files.channel_socket)
     try:
@@ -111,7 +104,7 @@ async def test_agent_attach_serves_the_guest_and_leaves_qemu_running(qemu: Qemu)
         assert await asyncio.to_thread(qemu.stub_send, "write 1 0xc0ffee") == "write 1 0xc0ffee\n"
         assert await agent.find_mismatch(chunk, 0xC0FFEE) is None  # guest bytes, host view
         await asyncio.to_thread(qemu.stub_end)
-        await _until(lambda: agent.cma.chunks == [])
+        await until(lambda: agent.cma.chunks == [])
     finally:
         await agent.close()
     assert qemu.child.isalive()

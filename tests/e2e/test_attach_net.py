@@ -18,11 +18,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pexpect
 import pytest
-from machine_helpers import PROMPT, HarnessQemu, read_json
+from machine_helpers import PROMPT, HarnessQemu, read_json, until
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
@@ -74,13 +74,6 @@ def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
         child.close(force=True)
 
 
-async def _until(predicate: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
     # No agent yet: socat finds nobody at the socket and the guest's connection gets no reply.
     out = await asyncio.to_thread(qemu.shell, "echo 'alloc camera 1M' | cma-test")
@@ -95,7 +88,7 @@ async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
         assert chunk.requested == 0x100000
         assert re.fullmatch(r"guest:net:\d+", str(chunk.owner)), chunk.owner
         await asyncio.to_thread(qemu.stub_end)
-        await _until(lambda: agent.cma.chunks == [])
+        await until(lambda: agent.cma.chunks == [])
     finally:
         await agent.close()
     assert not qemu.channel_socket.exists()
@@ -127,7 +120,7 @@ async def test_a_second_attach_leaves_the_first_agents_channel_alone(
         start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
         assert re.fullmatch(r"guest:net:\d+", str(agent.cma.chunk(start).owner))
         await asyncio.to_thread(qemu.stub_end)
-        await _until(lambda: agent.cma.chunks == [])
+        await until(lambda: agent.cma.chunks == [])
     finally:
         await agent.close()
     assert not qemu.channel_socket.exists()
