@@ -28,12 +28,10 @@ import contextlib
 import json
 import os
 import secrets
-import select
 import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from cma_qemu.agent import Agent
 from cma_qemu.boards import Board, load_board
 from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, EIO, ENODEV
+from cma_qemu.first_json import read_first_json
 from cma_qemu.loop_thread import LoopThread
 from cma_qemu.machine.launch import QEMU, PreparedLaunch, kernel_cmdline, prepare_launch
 from cma_qemu.pytest_plugin import SyncAgent
@@ -346,7 +345,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
             stderr=subprocess.PIPE,
             text=True,
         )
-        _read_json(self._remote_agent, 120)
+        read_first_json(self._remote_agent, 120, where="labgrid")
 
     def _quit_remote(self) -> None:
         """QEMUDriver's ``off()`` for QEMU behind ssh: ssh ends only when the console
@@ -418,24 +417,6 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return f"CmaQemuDriver({self.target.name}, {self.board})"
-
-
-def _read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The JSON document a process prints first (``attach --json``); EIO if it exits first."""
-    assert proc.stdout is not None
-    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.5)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-            with contextlib.suppress(ValueError):
-                return dict(json.loads(data))
-        elif proc.poll() is not None:
-            break
-    err = proc.stderr.read() if proc.stderr is not None and proc.poll() is not None else ""
-    raise EIO(f"no agent on the host: {err.strip() or data.decode()!r}", where="labgrid")
 
 
 def _console_first(argv: list[str]) -> list[str]:

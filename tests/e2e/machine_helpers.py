@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import select
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,26 +32,6 @@ def guest_image(flavour: str) -> GuestImage:
         return find_guest(flavour)
     except ENODEV:
         return build_guest(flavour)
-
-
-def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The JSON document a ``cma-qemu ... --json`` process prints first, read as it arrives.
-
-    Reads the pipe's fd, not the buffered reader, so ``select`` sees every byte; ends at EOF.
-    """
-    assert proc.stdout is not None
-    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.5)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-            try:
-                return dict(json.loads(data))
-            except ValueError:
-                continue
-    raise AssertionError(f"no JSON from cma-qemu in {timeout} s: {data!r}")
 
 
 async def until(predicate: Any, timeout: float = 10) -> None:

@@ -23,13 +23,14 @@ from typing import Any
 
 import pexpect
 import pytest
-from machine_helpers import PROMPT, STUB_PROMPT, HarnessQemu, read_json, until
+from machine_helpers import PROMPT, STUB_PROMPT, HarnessQemu, until
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.channel import ChannelServer
 from cma_qemu.configuration import build_cma
+from cma_qemu.first_json import read_first_json
 
 pytestmark = [
     pytest.mark.e2e,
@@ -121,7 +122,7 @@ async def test_cli_attach_monitor_sees_the_guest_and_exits_with_qemu(qemu: Qemu)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        info = await asyncio.to_thread(read_json, proc, 30)
+        info = await asyncio.to_thread(read_first_json, proc, 30)
         assert (info["qmp"], info["channel"]) == (str(f.qmp_socket), str(f.channel_socket))
         assert [(r["name"], r["start"], r["size"]) for r in info["regions"]] == RESERVATIONS
         monitor = QMPClient("attach-test-monitor")

@@ -22,12 +22,13 @@ from typing import ClassVar
 
 import pexpect
 import pytest
-from machine_helpers import PROMPT, HarnessQemu, read_json, until
+from machine_helpers import PROMPT, HarnessQemu, until
 from qemu.qmp import QMPClient
 
 from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
+from cma_qemu.first_json import read_first_json
 
 pytestmark = [pytest.mark.e2e]
 
@@ -134,7 +135,7 @@ async def test_cli_attach_serves_a_net_board_and_exits_with_qemu(qemu: Qemu) -> 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        info = await asyncio.to_thread(read_json, proc, 30)
+        info = await asyncio.to_thread(read_first_json, proc, 30)
         assert info["channel"] == str(qemu.channel_socket)
         monitor = QMPClient("attach-net-monitor")
         await monitor.connect(info["monitor"])

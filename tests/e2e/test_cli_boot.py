@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from machine_helpers import read_json
 
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
+from cma_qemu.first_json import read_first_json
 
 pytestmark = [
     pytest.mark.e2e,
@@ -252,7 +252,7 @@ def test_user_errors_are_one_line(args: list[str], errno: str, parts: list[str])
 def test_sigint_during_run_cleans_up() -> None:
     run = start("boot", "virt", "--json", "--run", "sleep 60")
     try:
-        info = read_json(run.proc, 120)
+        info = read_first_json(run.proc, 120)
         run.find_qemu()
         assert run.qemu_pid is not None and Path(str(info["qmp"])).exists()
         assert run.ram_file.exists()

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from machine_helpers import read_json
 from qemu.qmp import QMPClient
 from test_attach import CLI, Qemu, qemu
 
 from cma_qemu.channel import ChannelServer
+from cma_qemu.first_json import read_first_json
 from cma_qemu.journal import read_journal
 
 pytestmark = [pytest.mark.e2e]
@@ -70,7 +70,7 @@ async def test_a_killed_agent_comes_back_with_the_guest_chunks(qemu: Qemu, tmp_p
     first = _attach(qemu, state)
     second: subprocess.Popen[str] | None = None
     try:
-        info = await asyncio.to_thread(read_json, first, 30)
+        info = await asyncio.to_thread(read_first_json, first, 30)
         assert info["state"] == str(state) and info["restore"]["fresh"]
         qemu.child.sendline("cma-test")
         await asyncio.to_thread(qemu.expect, "cma-test> ")
@@ -105,7 +105,7 @@ async def test_a_killed_agent_comes_back_with_the_guest_chunks(qemu: Qemu, tmp_p
 
         recording = tmp_path / "after-restart.cma"
         second = _attach(qemu, state, "--record", str(recording))
-        info = await asyncio.to_thread(read_json, second, 30)
+        info = await asyncio.to_thread(read_first_json, second, 30)
         assert info["restore"] == {
             "path": str(state),
             "restored": 3,
@@ -157,7 +157,7 @@ async def test_a_port_closed_while_no_agent_was_attached_gives_the_chunks_back(
     first = _attach(qemu, state)
     second: subprocess.Popen[str] | None = None
     try:
-        info = await asyncio.to_thread(read_json, first, 30)
+        info = await asyncio.to_thread(read_first_json, first, 30)
         await asyncio.to_thread(
             qemu.shell, "(echo 'alloc camera 1M'; sleep 600) | cma-test > /dev/null 2>&1 &"
         )
@@ -171,7 +171,7 @@ async def test_a_port_closed_while_no_agent_was_attached_gives_the_chunks_back(
         # The stub dies while nobody serves the port: nothing frees its chunk, the port closes.
         await asyncio.to_thread(qemu.shell, "kill -9 $(pidof cma-test); kill $(pidof sleep)")
         second = _attach(qemu, state)
-        info = await asyncio.to_thread(read_json, second, 30)
+        info = await asyncio.to_thread(read_first_json, second, 30)
         assert info["restore"]["restored"] == 1  # the journal still had it ...
         assert await _chunks(info["monitor"]) == []  # ... but no guest program holds it now
         assert read_journal(state).chunks == {}

@@ -25,10 +25,11 @@ from typing import Any
 
 import pexpect
 import pytest
-from machine_helpers import guest_image, read_json
+from machine_helpers import guest_image
 
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
+from cma_qemu.first_json import read_first_json
 from cma_qemu.machine import rundir
 from cma_qemu.machine.devicetree import add_reserved_memory, dump_qemu_dtb
 from cma_qemu.machine.launch import LaunchFiles, machine_args, qemu_command
@@ -173,7 +174,7 @@ def boot_sleeping() -> Iterator[Callable[[], Agent]]:
         )
         agent = Agent(proc, shm)
         started.append(agent)
-        agent.info = read_json(proc, BOOT_TIMEOUT)
+        agent.info = read_first_json(proc, BOOT_TIMEOUT)
         agent.wait_for_qemu()
         agent.check_running()
         time.sleep(0.5)  # the guest is in its `sleep 60`
@@ -359,7 +360,7 @@ def test_sigterm_detaches_and_leaves_qemu_running(tmp_path: Path) -> None:
             text=True,
             env=ENV,
         )
-        info = read_json(attach, 60)
+        info = read_first_json(attach, 60)
         monitor = Path(str(info["monitor"]))
         assert monitor.exists()
         before = sorted(tmp_path.iterdir())
