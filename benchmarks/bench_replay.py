@@ -14,6 +14,12 @@ since the machine is shared and wall-clock follows its load. From the repository
     .venv/bin/python benchmarks/bench_replay.py --quick    # smoke run (seconds)
     .venv/bin/python benchmarks/bench_replay.py --stub     # also the guest stub on virt
 
+``--ceiling`` also runs, on the same traces and timed the same way, what bounds a CPython
+replay from below: ``benchmarks/replay_floor.py`` (the baseline's program line for line in
+Python, no checks, no framework; with no allocator, then with ``bf`` called directly) and
+replay itself with its hot modules compiled to C by mypyc (built here into a temporary copy
+of the package; needs mypy's mypyc, a C compiler and the Python headers).
+
 ``--stub`` boots virt with ``--cma t=300M --map */*=t`` and runs a 1,500-live-chunk churn trace
 (~9,000 lines) through ``cma-test`` in the guest; it reports the stub's lines/s next to
 1 / (alloc round trip), from ``ping``/``bench`` lines run in the same boot.
@@ -31,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -113,11 +119,13 @@ def build_baseline(out_dir: Path) -> Path:
     return binary
 
 
-def timed(argv: Sequence[str], stdin: Path, stdout: Path) -> tuple[Timing, int, str]:
+def timed(
+    argv: Sequence[str], stdin: Path, stdout: Path, env: dict[str, str] | None = None
+) -> tuple[Timing, int, str]:
     """Run ``argv`` from exec to exit; its timing, exit status and stderr."""
     with stdin.open("rb") as fin, stdout.open("wb") as fout:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=subprocess.PIPE, env=env)
         # wait4 gives this child's own rusage (RUSAGE_CHILDREN would sum all children)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -136,6 +144,8 @@ class SizeResult:
     lines: int
     replay: Timing
     compiled: Timing
+    #: ``--ceiling``: program -> its timing on the same trace (see CEILING_PROGRAMS).
+    ceiling: dict[str, Timing] = field(default_factory=dict)
 
     def rate(self, which: str, clock: str) -> float:
         """Script lines per second."""
@@ -150,9 +160,98 @@ class SizeResult:
         """replay time / compiled time."""
         return float(getattr(self.replay, clock) / getattr(self.compiled, clock))
 
+    def ceiling_ratio(self, program: str, clock: str) -> float:
+        """A ``--ceiling`` program's time / compiled time."""
+        return float(getattr(self.ceiling[program], clock) / getattr(self.compiled, clock))
+
+
+# ------------------------------------------------------------------ --ceiling
+
+FLOOR_SCRIPT = HERE / "replay_floor.py"
+#: The hot path of a replay: the line runner, the framework, the allocator and what they import.
+MYPYC_MODULES = (
+    "cma_qemu/script.py",
+    "cma_qemu/framework.py",
+    "cma_qemu/allocators/base.py",
+    "cma_qemu/allocators/best_fit.py",
+    "cma_qemu/errors.py",
+    "cma_qemu/regions.py",
+    "cma_qemu/units.py",
+)
+#: --ceiling's programs, and whether their allocation lines must equal the baseline's.
+CEILING_PROGRAMS = {
+    "Python loop, no allocator": False,
+    "Python loop + bf": True,
+    "replay, mypyc-compiled": True,
+}
+
+
+def build_mypyc(work: Path) -> Path:
+    """A copy of the package with :data:`MYPYC_MODULES` compiled by mypyc; its directory."""
+    root = work / "mypyc"
+    package = Path(__file__).resolve().parent.parent / "cma_qemu"
+    shutil.copytree(package, root / "cma_qemu", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "mypy.ini").write_text(
+        "[mypy]\nstrict = True\n[mypy-sortedcontainers,sortedcontainers.*]\n"
+        "ignore_missing_imports = True\n"
+    )
+    build = subprocess.run(
+        [sys.executable, "-m", "mypyc", *MYPYC_MODULES],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode != 0:
+        raise SystemExit(
+            f"bench_replay: mypyc failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}"
+        )
+    return root
+
+
+def measure_ceiling(
+    result: SizeResult,
+    script: Path,
+    region: tuple[int, int],
+    repeat: int,
+    work: Path,
+    mypyc_root: Path,
+    expected: str,
+) -> None:
+    """Time the --ceiling programs on ``script``; fill ``result.ceiling``."""
+    where = [hex(region[0]), hex(region[1])]
+    mypyc_env = {**os.environ, "PYTHONPATH": str(mypyc_root)}
+    programs: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "Python loop, no allocator": ([sys.executable, str(FLOOR_SCRIPT), "none", *where], None),
+        "Python loop + bf": ([sys.executable, str(FLOOR_SCRIPT), "bf", *where], None),
+        "replay, mypyc-compiled": (
+            [CLI, "replay", "-", "--cma", REGIONS, "--ram", RAM],
+            mypyc_env,
+        ),
+    }
+    for name, (argv, env) in programs.items():
+        runs: list[Timing] = []
+        for _ in range(repeat):
+            timing, status, err = timed(argv, script, work / "ceiling.out", env)
+            if status != 0 or err:
+                raise SystemExit(f"{name} on the {result.n:,} trace failed ({status}): {err[:500]}")
+            runs.append(timing)
+        out = (work / "ceiling.out").read_text()
+        if CEILING_PROGRAMS[name] and out != expected:
+            raise SystemExit(f"N={result.n:,}: {name} printed other lines than the baseline")
+        if out.count("\n") != expected.count("\n"):
+            raise SystemExit(f"N={result.n:,}: {name} printed another number of lines")
+        result.ceiling[name] = best(runs)
+
 
 def measure_size(
-    n: int, rounds: int, seed: int, repeat: int, work: Path, baseline: Path, region: tuple[int, int]
+    n: int,
+    rounds: int,
+    seed: int,
+    repeat: int,
+    work: Path,
+    baseline: Path,
+    region: tuple[int, int],
+    mypyc_root: Path | None = None,
 ) -> SizeResult:
     script = work / f"churn-{n}.cma"
     text = churn_script(n, rounds, seed, SHAPE)
@@ -177,7 +276,10 @@ def measure_size(
         raise SystemExit(f"N={n:,}: replay and the compiled baseline printed different lines")
     if replay_out != compiled_out:
         raise SystemExit(f"N={n:,}: the outputs differ outside the allocation lines")
-    return SizeResult(n, lines, best(replay_runs), best(compiled_runs))
+    result = SizeResult(n, lines, best(replay_runs), best(compiled_runs))
+    if mypyc_root is not None:
+        measure_ceiling(result, script, region, repeat, work, mypyc_root, compiled_out)
+    return result
 
 
 # ------------------------------------------------------------------ the stub in a guest
@@ -232,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="churn rounds per trace (default 200000)")
     parser.add_argument("--repeat", type=int, default=3, help="keep the best of this many runs")
     parser.add_argument("--stub", action="store_true", help="also time cma-test in a virt guest")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time what bounds a CPython replay: a bare Python loop, and mypyc",
+    )
     args = parser.parse_args(argv)
     ns = (100, 1_000) if args.quick else (1_000, 10_000, 100_000)
     rounds = args.rounds or (2_000 if args.quick else 200_000)
@@ -255,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if status != 0:
             raise SystemExit(f"replay of an empty script failed: {err}")
+        mypyc_root = build_mypyc(work) if args.ceiling else None
         for n in ns:
-            results.append(measure_size(n, rounds, args.seed, repeat, work, baseline, region))
+            results.append(
+                measure_size(n, rounds, args.seed, repeat, work, baseline, region, mypyc_root)
+            )
             console.print(f"[dim]N={n:,} done[/dim]")
         stub = asyncio.run(measure_stub(args.seed, work, console)) if args.stub else None
 
@@ -307,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{_verdict(rate >= GOAL_LINES_PER_S)}; replay/compiled {ratio:.1f}x "
                     f"(goal <= {GOAL_RATIO:g}x) -> {_verdict(ratio <= GOAL_RATIO)}"
                 )
+    if args.ceiling:
+        console.print(_ceiling_table(results))
     if stub is not None:
         console.print(
             f"cma-test in the guest (virt, {STUB_LIVE:,} live chunks): {stub.lines:,} lines in "
@@ -318,6 +430,27 @@ def main(argv: list[str] | None = None) -> int:
         if not stub.identical:
             return 1
     return 0
+
+
+def _ceiling_table(results: Sequence[SizeResult]) -> Table:
+    """--ceiling: every program's cost per line and its ratio to the compiled baseline."""
+    table = Table(title="What bounds a CPython replay: same traces, whole process, vs compiled")
+    table.add_column("program")
+    for r in results:
+        table.add_column(f"us/line at {r.n:,} (cpu)", justify="right")
+        table.add_column(f"/compiled at {r.n:,}", justify="right")
+    rows: list[tuple[str, list[Timing]]] = [
+        (name, [r.ceiling[name] for r in results]) for name in CEILING_PROGRAMS
+    ]
+    rows.insert(2, ("cma-qemu replay", [r.replay for r in results]))
+    rows.append(("compiled baseline (C++)", [r.compiled for r in results]))
+    for name, timings in rows:
+        cells: list[str] = []
+        for r, timing in zip(results, timings, strict=True):
+            cells.append(f"{timing.wall / r.lines * 1e6:.2f} ({timing.cpu / r.lines * 1e6:.2f})")
+            cells.append(f"{timing.wall / r.compiled.wall:.1f}x")
+        table.add_row(name, *cells)
+    return table
 
 
 def _verdict(good: bool) -> str:

@@ -120,3 +120,33 @@ def test_replay_bench_tiny_run_builds_the_baseline_and_matches(replay_bench: Mod
     # N = 100 and 1,000 with 300 rounds: the C++ baseline is compiled, both programs run, and
     # main() exits non-zero if their allocation lines differ.
     assert replay_bench.main(["--quick", "--rounds", "300"]) == 0
+
+
+def test_replay_floor_prints_what_replay_prints(replay_bench: ModuleType) -> None:
+    # --ceiling's bare Python loop: with bf called directly it must print replay's lines byte
+    # for byte (it is only a floor if it does the same work); with no allocator the same ids
+    # and sizes at other addresses.
+    import subprocess
+
+    from cma_qemu.churn import churn_script
+    from cma_qemu.configuration import build_cma
+    from cma_qemu.replay import parse_ram, replay
+
+    text = churn_script(300, 2_000, seed=7, shape=replay_bench.SHAPE)
+    expected = replay(text, build_cma(regions="t=2G", ram=[parse_ram(replay_bench.RAM)])).stdout
+    start, size = replay_bench.region_of(replay_bench.REGIONS, replay_bench.RAM)
+    outputs = {}
+    for mode in ("bf", "none"):
+        run = subprocess.run(
+            [sys.executable, str(replay_bench.FLOOR_SCRIPT), mode, hex(start), hex(size)],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert run.stderr == ""
+        outputs[mode] = run.stdout
+    assert outputs["bf"] == expected
+    ids_and_sizes = [line.partition("@")[0] for line in expected.splitlines()]
+    assert [line.partition("@")[0] for line in outputs["none"].splitlines()] == ids_and_sizes
+    assert outputs["none"] != expected  # nothing is reused without an allocator
