@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +25,7 @@ from cma_qemu.channel.session import FifoGate, GuestSession
 from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EADDRINUSE, ENOENT, ETIMEDOUT
 from cma_qemu.framework import Chunk, Cma
+from cma_qemu.unix_socket import free_for_bind
 
 __all__ = ["ChannelServer", "ResetHook"]
 
@@ -56,23 +55,6 @@ class _Listener:
     sessions: dict[int, GuestSession] = field(default_factory=dict)
     accepted: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def _someone_listens(path: str) -> bool:
-    """Whether a live process accepts connections at the unix socket ``path``.
-
-    A non-blocking connect never waits: it connects (or finds the backlog full, EAGAIN) when
-    a listener is there, and is refused or finds no file otherwise. The listener sees one
-    connection that closes at once, with nothing sent.
-    """
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.setblocking(False)
-        return probe.connect_ex(path) in (0, errno.EAGAIN, errno.EINPROGRESS)
-    except OSError:
-        return False  # an unusable path (too long, ...): the bind that follows says so
-    finally:
-        probe.close()
 
 
 class ChannelServer(AsyncClosing):
@@ -119,10 +101,8 @@ class ChannelServer(AsyncClosing):
         if name in self._ports or name in self._listeners:
             raise EADDRINUSE(f"guest channel port {name!r} is already served")
         spath = os.fspath(path)
-        if _someone_listens(spath):
+        if not free_for_bind(spath):  # a dead agent's leftover is removed
             raise EADDRINUSE(f"another process serves this channel at {spath}", where=name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spath)  # a dead agent's leftover (nobody answered)
         entry: _Listener | None = None
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

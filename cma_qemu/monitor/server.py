@@ -25,6 +25,7 @@ from cma_qemu.framework import Chunk, Cma, CmaEvent
 from cma_qemu.monitor.commands import MemoryReader, MonitorCommands
 from cma_qemu.monitor.events import CMA_GUEST_RESET, from_cma_event, guest_reset_data
 from cma_qemu.monitor.protocol import COMMAND_NOT_FOUND, GREETING, MAX_REQUEST, encode_event
+from cma_qemu.unix_socket import free_for_bind
 from cma_qemu.wire.arguments import Arguments
 from cma_qemu.wire.framing import JsonSplitter, Marker
 from cma_qemu.wire.messages import RequestError, encode_error, encode_return, parse_request
@@ -115,15 +116,8 @@ class Monitor(AsyncClosing):
             return
         if not stat.S_ISSOCK(mode):
             raise EADDRINUSE(f"{path} exists and is not a socket", where="monitor")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(os.fspath(path))
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: a leftover of a dead agent
-            return
-        finally:
-            probe.close()
-        raise EADDRINUSE(f"another process serves {path}", where="monitor")
+        if not free_for_bind(path):  # a dead agent's leftover is removed
+            raise EADDRINUSE(f"another process serves {path}", where="monitor")
 
     async def close(self) -> None:
         """Stop listening, disconnect clients and remove the socket file."""

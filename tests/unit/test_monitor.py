@@ -18,7 +18,7 @@ from cma_helpers import make_cma
 from qemu.qmp import ExecuteError, QMPClient
 
 from cma_qemu.channel import GuestSession
-from cma_qemu.errors import EIO
+from cma_qemu.errors import EADDRINUSE, EIO
 from cma_qemu.framework import Cma
 from cma_qemu.monitor import MAX_READ, Monitor
 
@@ -316,6 +316,30 @@ async def test_internal_errors_do_not_kill_the_monitor(qmp: QMPClient, cma: Cma)
         await qmp.execute("query-cma-stats")
     assert info.value.error_class == EIO.errno_name and "boom" in str(info.value)
     assert await qmp.execute("query-cma-chunks") == []
+
+
+async def test_a_taken_monitor_path_is_one_line_eaddrinuse_and_left_alone(
+    cma: Cma, sock_path: Path
+) -> None:
+    first = Monitor(cma)
+    await first.start(sock_path)
+    try:
+        inode = sock_path.stat().st_ino
+        with pytest.raises(EADDRINUSE) as info:
+            await Monitor(cma).start(sock_path)
+        assert str(info.value) == f"monitor: another process serves {sock_path}"
+        assert sock_path.stat().st_ino == inode
+        client = QMPClient("still")  # the first monitor still answers
+        await client.connect(str(sock_path))
+        assert await client.execute("query-cma-chunks") == []
+        await client.disconnect()
+    finally:
+        await first.close()
+    sock_path.write_text("somebody's file")
+    with pytest.raises(EADDRINUSE) as info:
+        await Monitor(cma).start(sock_path)
+    assert str(info.value) == f"monitor: {sock_path} exists and is not a socket"
+    assert sock_path.read_text() == "somebody's file"
 
 
 async def test_stale_socket_is_replaced_and_live_one_refused(cma: Cma, sock_path: Path) -> None:
