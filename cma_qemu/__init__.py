@@ -4,6 +4,8 @@ The framework (regions, map, asterisk, allocators, the CMA API) is pure Python a
 its own; the machine, channel and monitor layers put it in front of a QEMU guest.
 """
 
+import importlib.metadata as _metadata
+
 from cma_qemu.attributes import (
     PAGE_SIZE,
     Map,
@@ -44,7 +46,10 @@ from cma_qemu.regions import (
     place_early_regions,
 )
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one place that says the version; the installed metadata has it
+    __version__ = _metadata.version("cma-qemu")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "EADDRINUSE",

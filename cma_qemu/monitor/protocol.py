@@ -6,7 +6,6 @@ request decoding is shared with the guest channel (:mod:`cma_qemu.wire.messages`
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 import time
@@ -31,14 +30,6 @@ COMMAND_NOT_FOUND: Final = "CommandNotFound"
 MAX_REQUEST: Final = 1024 * 1024
 
 
-def _package_version() -> str:
-    """The installed distribution's version (the package's own when it is not installed)."""
-    try:
-        return importlib.metadata.version("cma-qemu")
-    except importlib.metadata.PackageNotFoundError:
-        return cma_qemu.__version__
-
-
 def version_info(version: str) -> dict[str, object]:
     """``query-version``'s reply in QEMU's shape for a version string.
 
@@ -54,7 +45,7 @@ def version_info(version: str) -> dict[str, object]:
 
 
 #: This package's version, as the monitor reports it.
-PACKAGE_VERSION: Final = _package_version()
+PACKAGE_VERSION: Final = cma_qemu.__version__
 #: ``query-version``'s reply; the greeting carries the same.
 VERSION_INFO: Final = version_info(PACKAGE_VERSION)
 
