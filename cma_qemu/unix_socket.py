@@ -20,7 +20,8 @@ def someone_listens(path: str | os.PathLike[str]) -> bool:
 
     A non-blocking connect never waits: it connects (or finds the backlog full, EAGAIN) when
     a listener is there, and is refused or finds no file otherwise. The listener sees one
-    connection that closes at once with nothing sent. Cost: one connect attempt.
+    connection that closes at once with nothing sent (the net channel's listener does not
+    count it as a guest). Cost: one connect attempt.
     """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cma_qemu.channel.session import FifoGate, GuestSession
+from cma_qemu.channel.session import READ_SIZE, FifoGate, GuestSession
 from cma_qemu.closing import AsyncClosing
 from cma_qemu.errors import EADDRINUSE, ENOENT, ETIMEDOUT
 from cma_qemu.framework import Chunk, Cma
@@ -53,7 +53,8 @@ class _Listener:
     server: asyncio.AbstractServer
     #: Live connections' sessions by connection number (1, 2, ...).
     sessions: dict[int, GuestSession] = field(default_factory=dict)
-    accepted: int = 0
+    #: Connections numbered so far: those that sent something (a guest speaks first).
+    numbered: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -92,7 +93,9 @@ class ChannelServer(AsyncClosing):
     async def add_listener(self, name: str, path: str | os.PathLike[str]) -> None:
         """Listen on a unix socket at ``path``; every connection is a session of its own.
 
-        Connection N's chunks belong to ``"guest:<name>:N"`` and are released when it closes.
+        Connection N's chunks belong to ``"guest:<name>:N"`` and are released when it closes;
+        connections are numbered as they send their first bytes, so one that closes with
+        nothing sent (another agent's liveness probe) is no session and takes no number.
         A socket nobody answers at is a dead agent's and is replaced; one a live process
         listens at (a second ``attach`` of the same QEMU) raises EADDRINUSE and is left alone,
         so that process's guests keep their channel. Cost: one connect attempt and one bind;
@@ -131,13 +134,28 @@ class ChannelServer(AsyncClosing):
     async def _serve_connection(
         self, entry: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        entry.accepted += 1
-        number = entry.accepted
+        # A guest speaks first. A connection that closes with nothing sent is no guest's (the
+        # liveness probe of another agent started at this path): it gets no session number,
+        # so the first guest is always ``<owner>:1``.
+        first = b""
+        try:
+            first = await reader.read(READ_SIZE)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if not first:  # closed, failed or cancelled (the server closing) before a byte
+                writer.close()
+        if not first:
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        entry.numbered += 1
+        number = entry.numbered
         session = GuestSession(self.cma, f"{self.owner_for(entry.name)}:{number}")
         entry.sessions[number] = session
         log.info("listener %s: connection %d", entry.name, number)
         try:
-            await session.serve(reader, writer)
+            await session.serve(reader, writer, first=first)
         except (ConnectionError, OSError) as err:
             log.info("listener %s: connection %d lost: %s", entry.name, number, err)
         finally:

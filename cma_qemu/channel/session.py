@@ -216,21 +216,24 @@ class GuestSession:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         gate: FifoGate | None = None,
+        *,
+        first: bytes = b"",
     ) -> None:
-        """Answer requests until the stream ends; the caller owns and closes ``writer``."""
+        """Answer requests until the stream ends; the caller owns and closes ``writer``.
+
+        ``first`` is what the caller already read from ``reader`` (a listener reads a
+        connection's first bytes before it numbers it as a session).
+        """
         self.splitter.reset()
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                return
+        data = first or await reader.read(READ_SIZE)
+        while data:
             replies = self.feed(data)
-            if not replies:
-                continue
-            if gate is None:
+            if replies and gate is None:
                 writer.write(replies)
                 await writer.drain()
-            else:
+            elif replies and gate is not None:
                 await gate.write(writer, replies)
+            data = await reader.read(READ_SIZE)
 
     def reset(self) -> list[Chunk]:
         """Give back every chunk of this guest, user space's and kernel code's, and forget its

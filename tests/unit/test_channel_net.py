@@ -95,6 +95,48 @@ async def test_each_connection_is_a_session_released_when_it_closes(tmp_path: Pa
     assert not path.exists()  # close removes the socket
 
 
+async def test_a_connection_is_numbered_when_it_speaks_and_a_silent_one_is_no_session(
+    tmp_path: Path,
+) -> None:
+    """Another agent's probe (connect, close, nothing sent) takes no number; a guest's first
+    bytes, even half a request, are not lost to the numbering."""
+    cma = make_cma()
+    server = ChannelServer(cma)
+    path = tmp_path / "channel.sock"
+    await server.add_listener("net", path)
+    try:
+        for _ in range(3):  # probes, as free_for_bind makes them
+            _, probe = await asyncio.open_unix_connection(str(path))
+            probe.close()
+            await probe.wait_closed()
+        silent = await Stub.connect(path)  # open, nothing sent yet
+        late = await Stub.connect(path)
+        request = json.dumps({"execute": "cma-alloc", "arguments": {"dev": "d", "size": 4096}})
+        late.writer.write(request[:10].encode())
+        await late.writer.drain()
+        await asyncio.sleep(0.05)
+        assert set(server.connections("net")) == {"guest:net:1"}  # the first to speak
+        late.writer.write(request[10:].encode() + b"\n")
+        reply = json.loads(await asyncio.wait_for(late.reader.readline(), 5))
+        assert reply["return"]["size"] == 4096
+        assert [c.owner for c in cma.chunks] == ["guest:net:1"]
+        assert set(server.connections("net")) == {"guest:net:1"}
+        assert (await silent.call("guest-ping"))["return"] == {}
+        assert set(server.connections("net")) == {"guest:net:1", "guest:net:2"}
+        await late.close()
+        await _until(lambda: cma.chunks == [])
+        await silent.close()
+        await _until(lambda: server.connections("net") == {})
+        quiet = await Stub.connect(path)  # still silent when the server closes
+        pinger = await Stub.connect(path)  # answered: the server has taken quiet in too
+        assert (await pinger.call("guest-ping"))["return"] == {}
+        await pinger.close()
+    finally:
+        await server.close()
+    assert await asyncio.wait_for(quiet.reader.read(), 5) == b""  # closed, not left open
+    await quiet.close()
+
+
 async def test_listener_errors_leave_state_intact(tmp_path: Path) -> None:
     cma = make_cma()
     server = ChannelServer(cma)
@@ -131,7 +173,7 @@ async def test_a_live_listener_keeps_its_socket_and_a_stale_one_is_replaced(
         assert second.ports == [] and path.stat().st_ino == inode
         stub = await Stub.connect(path)  # the first agent still answers at its socket
         assert (await stub.call("cma-alloc", dev="dev", size=4096))["return"]["size"] == 4096
-        assert [c.owner for c in first.cma.chunks] == ["guest:net:2"]  # 1 was the probe
+        assert [c.owner for c in first.cma.chunks] == ["guest:net:1"]  # the probe is none
         assert second.cma.chunks == []
         await stub.close()
     finally:
