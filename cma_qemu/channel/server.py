@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,12 +51,18 @@ class _Port:
 class _Listener:
     name: str
     path: str
-    server: asyncio.AbstractServer
+    #: The listening socket (non-blocking); this server's own accept loop reads it.
+    sock: socket.socket
+    acceptor: asyncio.Task[None] | None = None
     #: Live connections' sessions by connection number (1, 2, ...).
     sessions: dict[int, GuestSession] = field(default_factory=dict)
     #: Connections numbered so far: those that sent something (a guest speaks first).
     numbered: int = 0
+    #: One task per accepted connection, until it ends.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Accepted sockets whose task has not started yet: if close() cancels such a task, its
+    #: code never runs, so close() closes these itself.
+    unstarted: set[socket.socket] = field(default_factory=set)
 
 
 class ChannelServer(AsyncClosing):
@@ -106,23 +113,46 @@ class ChannelServer(AsyncClosing):
         spath = os.fspath(path)
         if not free_for_bind(spath):  # a dead agent's leftover is removed
             raise EADDRINUSE(f"another process serves this channel at {spath}", where=name)
-        entry: _Listener | None = None
-
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            assert entry is not None
-            task = asyncio.current_task()
-            if task is not None:
-                entry.tasks.add(task)
-            # close() cancels this; end normally, or asyncio's server logs the cancellation
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._serve_connection(entry, reader, writer)
-
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            server = await asyncio.start_unix_server(accept, spath)
+            sock.bind(spath)
+            sock.listen()
+            sock.setblocking(False)
         except OSError as err:
+            sock.close()
             raise EADDRINUSE(f"cannot listen on {spath}: {err}", where=name) from None
-        entry = _Listener(name, spath, server)
+        entry = _Listener(name, spath, sock)
+        entry.acceptor = asyncio.create_task(self._accept(entry), name=f"cma-channel-{name}")
         self._listeners[name] = entry
+
+    async def _accept(self, entry: _Listener) -> None:
+        """Accept connections until cancelled, each one a task that close() can end.
+
+        Its own loop rather than ``asyncio.start_unix_server``, whose connections exist
+        before their handler runs: one accepted just before close() stayed open.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(entry.sock)
+            except OSError as err:  # out of fds, say: the connection waits in the backlog
+                log.warning("listener %s: accept failed: %s", entry.name, err)
+                await asyncio.sleep(0.1)
+                continue
+            entry.unstarted.add(conn)
+            task = asyncio.create_task(self._connection(entry, conn))
+            entry.tasks.add(task)
+            task.add_done_callback(entry.tasks.discard)
+
+    async def _connection(self, entry: _Listener, conn: socket.socket) -> None:
+        entry.unstarted.discard(conn)  # from here on this task closes it
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except BaseException:
+            conn.close()
+            raise
+        with contextlib.suppress(asyncio.CancelledError):  # close() ends it; that is no error
+            await self._serve_connection(entry, reader, writer)
 
     def connections(self, name: str) -> dict[str, GuestSession]:
         """The live sessions of listener ``name`` by owner (ENOENT if there is none)."""
@@ -260,14 +290,20 @@ class ChannelServer(AsyncClosing):
         listeners = list(self._listeners.values())
         self._listeners.clear()
         for listener in listeners:
-            listener.server.close()
-            for task in list(listener.tasks):
+            if listener.acceptor is not None:
+                listener.acceptor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener.acceptor
+            listener.sock.close()  # connections still in the backlog are refused
+            tasks = list(listener.tasks)
+            for task in tasks:
                 task.cancel()
-            for task in list(listener.tasks):
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            with contextlib.suppress(Exception):
-                await listener.server.wait_closed()
+            for conn in listener.unstarted:  # their tasks were cancelled before they ran
+                conn.close()
+            listener.unstarted.clear()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listener.path)
 

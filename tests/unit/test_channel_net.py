@@ -308,3 +308,34 @@ async def test_attach_looks_up_a_chardev_only_when_qemu_serves_the_channel(
     with pytest.raises(ENODEV if looks_up else _Stop):
         await attached.attach(tmp_path / "qmp.sock", channel, load_board(board_name))
     assert lookups == ([channel] if looks_up else [])
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_close_ends_connections_accepted_but_not_yet_served(
+    tmp_path: Path, turns: int
+) -> None:
+    # Connections accepted in the loop's last turns before close() may have a handler task
+    # that has not started yet; close() must end those too (the loop goes on running in a
+    # long-lived process such as the pytest plugin's, so nothing else would).
+    server = ChannelServer(make_cma())
+    path = tmp_path / "channel.sock"
+    await server.add_listener("net", path)
+    loop = asyncio.get_running_loop()
+    clients = []
+    for _ in range(4):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.setblocking(False)
+        clients.append(client)
+    for _ in range(turns):  # let the accepts and the handler tasks get this far
+        await asyncio.sleep(0)
+    await server.close()
+    try:
+        for client in clients:  # ended: EOF, or a reset if it was never accepted
+            try:
+                assert await asyncio.wait_for(loop.sock_recv(client, 1), 2) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for client in clients:
+            client.close()
