@@ -76,6 +76,8 @@ static const char *owner_member = "";
 static char rbuf[MAX_REPLY + 1];
 static size_t rlen;
 static int rdiscard;           /* dropping an over-long line up to its new line */
+/* Error lines printed: a script with any exits 1, as `cma-qemu replay` does. */
+static unsigned long error_lines;
 
 /* ------------------------------------------------------------------ output */
 
@@ -86,6 +88,7 @@ static void err(const char *cmd, const char *cls, const char *fmt, ...)
 {
 	va_list ap;
 
+	error_lines++;
 	fflush(stdout);
 	fprintf(stderr, "%s: %s: ", cmd, cls);
 	va_start(ap, fmt);
@@ -1482,6 +1485,8 @@ static int serve_kernel(void)
 
 /* ------------------------------------------------------------------ main */
 
+/* Exit status (docs/line-format.md): 0 every line succeeded, 1 some line printed an error,
+ * 2 bad usage; -k has its own. */
 int main(int argc, char **argv)
 {
 	static char line[MAX_LINE + 2], prev[MAX_LINE + 2], work[MAX_LINE + 2];
@@ -1574,5 +1579,5 @@ int main(int argc, char **argv)
 			free_request("exit", slot[newest].addr, 1);
 			chunk_remove(&slot[newest]);
 		}
-	return 0;
+	return error_lines ? 1 : 0;
 }
