@@ -414,14 +414,19 @@ class Cma:
         Runtime complexity: O(r).
         """
         with self._lock:
-            if region not in self._regions:
-                raise ENOENT(f"region {region.label} is not registered")
-            if region.users:
-                raise EBUSY(f"region {region.label} still holds {region.users} chunk(s)")
-            if region.allocator is not None:
-                region.allocator.cleanup()
+            self._detach_idle(region)
             self._regions.remove(region)
             self._targets.clear()
+
+    def _detach_idle(self, region: Region) -> None:
+        """Run a registered, idle region's allocator ``cleanup``: ENOENT if ``region`` is not
+        registered, EBUSY while it holds chunks (both change nothing). O(r)."""
+        if region not in self._regions:
+            raise ENOENT(f"region {region.label} is not registered")
+        if region.users:
+            raise EBUSY(f"region {region.label} still holds {region.users} chunk(s)")
+        if region.allocator is not None:
+            region.allocator.cleanup()
 
     @property
     def regions(self) -> list[Region]:
@@ -482,12 +487,7 @@ class Cma:
         Runtime complexity: O(r).
         """
         with self._lock:
-            if region not in self._regions:
-                raise ENOENT(f"region {region.label} is not registered")
-            if region.users:
-                raise EBUSY(f"region {region.label} still holds {region.users} chunk(s)")
-            if region.allocator is not None:
-                region.allocator.cleanup()
+            self._detach_idle(region)
             region.allocator = None
             region.allocator_name = name
             region.attach_failed = False
