@@ -189,7 +189,7 @@ def test_script_in_guest_equals_replay(board: BoardSession, tmp_path: Path) -> N
         check=False,
     )
     assert (cli.stdout, cli.stderr) == (guest.stdout, guest.stderr)
-    assert cli.returncode == 1  # the script has errors
+    assert guest.status == cli.returncode == 1  # the script has errors
 
     # What the script exercises, so the comparison is not vacuous.
     out, err = guest.stdout.splitlines(), guest.stderr.splitlines()
@@ -221,6 +221,44 @@ def test_script_in_guest_equals_replay(board: BoardSession, tmp_path: Path) -> N
     enomem = [line for line in err if line.startswith("alloc: ENOMEM: no room for 0x25800000")]
     assert len(enomem) == 2  # the blank line after the too-long line repeats the line before it
     assert err[-1] == "input: EINVAL: no new line at EOF"
+
+
+# (script, its one error line or "" for none): each ends the stub with 1 if it has one, else 0.
+EXIT_SCRIPTS = {
+    "clean": ("alloc vpu/dec 1M\nwrite 1 0x5\nverify 1 0x5\na camera 4K\nlist\nfree 1\n", ""),
+    "a request fails": (
+        "alloc vpu/dec 1M\nalloc vpu/dec 900M\nlist\n",
+        "alloc: ENOMEM: no room for 0x38400000 bytes (alignment 0x1000) in video, common",
+    ),
+    "a bad line": ("alloc vpu/dec 1M\nfree 7\nlist\n", "free: ENOENT: no chunk 7"),
+    "a verify fails": ("a camera 8K\nw 1 0x10\nv 1 0x11\n", "v: EIO: mismatch at offset 0x0"),
+    "too long": ("alloc vpu/dec 1M\n" + "#" * 1024 + "\nlist\n", "input: EINVAL: line too long"),
+    "no new line at EOF": ("alloc vpu/dec 1M\nlist", "input: EINVAL: no new line at EOF"),
+}
+
+
+@pytest.mark.parametrize("case", EXIT_SCRIPTS)
+def test_stub_exit_status_says_whether_every_line_succeeded(
+    cma_board: BoardSession, case: str
+) -> None:
+    text, error = EXIT_SCRIPTS[case]
+    _release(cma_board)
+    guest = cma_board.guest.run_script(text)
+    assert guest.stderr == (error + "\n" if error else ""), guest
+    assert guest.status == (1 if error else 0), guest
+    assert guest.stdout.startswith("1: 0x"), guest  # the lines before the failure ran
+    assert cma_board.agent.cma.chunks == []  # and the stub freed what it held as it exited
+
+    # cma-qemu replay, the stub's byte-for-byte oracle, agrees on the status too.
+    cli = subprocess.run(
+        [CLI, "replay", "--board", "virt", "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (cli.stdout, cli.stderr, cli.returncode) == (guest.stdout, guest.stderr, guest.status)
 
 
 def test_map_fallback_and_errors_reach_the_guest(agent: Any, guest: Any) -> None:
@@ -300,5 +338,5 @@ async def test_guest_reset_releases_a_running_stubs_chunks(cma_boot: Any) -> Non
     # The guest came back and is served again; the same address is free.
     result = await asyncio.to_thread(guest.run_script, "alloc vpu/dec 1M\nlist\n")
     assert result.stdout == f"1: 0x100000@{chunk.start:#x}\n" * 2
-    assert result.stderr == ""
+    assert (result.stderr, result.status) == ("", 0)
     await asyncio.to_thread(_release, session)
