@@ -35,6 +35,7 @@ from cma_qemu.guest_image.build import (
     initrd_key,
     main,
     pack_initramfs,
+    sources_key,
     stub_key,
 )
 from cma_qemu.guest_image.cpio import CpioWriter, read_cpio
@@ -63,5 +64,6 @@ __all__ = [
     "read_cpio",
     "read_modinfo",
     "resolve_packages",
+    "sources_key",
     "stub_key",
 ]

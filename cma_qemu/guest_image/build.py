@@ -45,6 +45,7 @@ __all__ = [
     "guest_source_dir",
     "initrd_key",
     "pack_initramfs",
+    "sources_key",
     "stub_key",
 ]
 
@@ -89,6 +90,8 @@ class GuestImage:
     modules: tuple[str, ...] = field(default_factory=tuple)
     #: The cache key of the initramfs (hash of every input).
     key: str = ""
+    #: :func:`sources_key` of the guest sources it was built from ("" if not recorded).
+    sources: str = ""
 
 
 # --------------------------------------------------------------------------- locations
@@ -144,6 +147,16 @@ def stub_key(src: Path) -> str:
     parts: list[bytes | str] = [CROSS_CC, " ".join(STUB_CFLAGS)]
     for path in sorted([*src.glob("*.c"), *src.glob("*.h"), *src.glob("include/*.h")]):
         parts += [path.name, path.read_bytes()]
+    return _sha256(*parts)[:16]
+
+
+def sources_key(src: Path) -> str:
+    """Hash of the guest sources an image is built from: the stub's, ``init`` and the guest
+    module's. Unlike the image's key it needs no apt, so :func:`find_guest` can tell an image
+    built from other sources (an upgrade, an edit of guest/) cheaply: ~1 ms."""
+    parts: list[bytes | str] = [stub_key(src), (src / "init").read_bytes()]
+    for path in kmod.guest_kmod_sources(src):
+        parts += [path.relative_to(src).as_posix(), path.read_bytes()]
     return _sha256(*parts)[:16]
 
 
@@ -323,8 +336,9 @@ def _image_from_manifest(flavour: str, manifest: Path) -> GuestImage | None:
             kernel_version=m["kernel_version"],
             modules=tuple(m["modules"]),
             key=m["key"],
+            sources=m.get("sources", ""),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     files = [image.kernel, image.initrd] + ([image.dtb] if image.dtb else [])
     return image if all(f.is_file() for f in files) else None
@@ -334,9 +348,11 @@ def _image_from_manifest(flavour: str, manifest: Path) -> GuestImage | None:
 
 
 def find_guest(flavour: str, cache_dir: Path | None = None) -> GuestImage:
-    """The built image of ``flavour`` from the cache; ENODEV when it is not built.
+    """The built image of ``flavour`` from the cache; ENODEV when it is not built, or was
+    built from other guest sources than these (a stub that no longer matches the agent).
 
-    Does not call apt or check that the image is current (``build_guest`` does).
+    Does not call apt, so a newer Debian kernel is not noticed (``build_guest`` does that).
+    Cost: reading the manifest and hashing the guest sources (~1 ms).
     """
     _check_flavour(flavour)
     cache = cache_dir if cache_dir is not None else default_cache_dir()
@@ -344,6 +360,13 @@ def find_guest(flavour: str, cache_dir: Path | None = None) -> GuestImage:
     if image is None:
         raise ENODEV(
             f"guest image for {flavour} is not built; run `cma-qemu guest build`",
+            where="guest",
+        )
+    src = guest_source_dir()
+    if image.sources != sources_key(src):
+        raise ENODEV(
+            f"guest image for {flavour} was built from other guest sources than {src}; run "
+            "`cma-qemu guest build`",
             where="guest",
         )
     return image
@@ -363,6 +386,7 @@ def build_guest(
         kpkg, bpkg = apt.resolve_packages(flavour)
         release = apt.kernel_release(kpkg.name)
         init = (src / "init").read_bytes()
+        sources = sources_key(src)
         skey = stub_key(src)
         kkey = kmod.guest_kmod_key(src, release, kpkg.version)  # the guest's cma_guest.ko
         outdir = cache / "guest" / flavour
@@ -375,7 +399,12 @@ def build_guest(
             modules = [*order_file.read_text().split(), *kmod.guest_kmod_names(src)]
             key = initrd_key(flavour, kpkg, bpkg, f"{skey}+{kkey}", init, modules)
             current = _image_from_manifest(flavour, manifest)
-            if current is not None and current.key == key and is_complete(kdir):
+            if (
+                current is not None
+                and current.key == key
+                and current.sources == sources
+                and is_complete(kdir)
+            ):
                 say(f"guest image {flavour} is up to date ({kpkg.name} {kpkg.version}, key {key})")
                 return current
 
@@ -389,7 +418,7 @@ def build_guest(
         key = initrd_key(flavour, kpkg, bpkg, f"{skey}+{kkey}", init, modules)
 
         current = _image_from_manifest(flavour, manifest)
-        if current is not None and current.key == key:
+        if current is not None and current.key == key and current.sources == sources:
             say(f"guest image {flavour} is up to date ({kpkg.name} {kpkg.version}, key {key})")
             return current
 
@@ -421,6 +450,7 @@ def build_guest(
             kernel_version=kpkg.version,
             modules=tuple(modules),
             key=key,
+            sources=sources,
         )
         record = {
             "flavour": flavour,
@@ -436,6 +466,7 @@ def build_guest(
             "kmod_symvers": str(guest_kmod.symvers) if guest_kmod else None,
             "modules": list(modules),
             "key": key,
+            "sources": sources,
         }
         _write_atomic(manifest, (json.dumps(record, indent=2) + "\n").encode())
         say(f"built {flavour}: kernel {image.kernel}, initrd {image.initrd} ({len(initrd)} bytes)")

@@ -229,11 +229,16 @@ def build_module(
 def guest_kmod_key(guest_src: Path, release: str, version: str) -> str:
     """The cache key of the guest's own module (guest/kernel/ with guest/include/); "" when
     the sources have no ``kernel/Kbuild`` (then the initramfs carries no module)."""
+    sources = guest_kmod_sources(guest_src)
+    return module_key(f"{release}_{version}", sources) if sources else ""
+
+
+def guest_kmod_sources(guest_src: Path) -> list[Path]:
+    """The files the guest's own module is built from (guest/kernel/ and guest/include/
+    headers); none when the sources have no ``kernel/Kbuild``."""
     if not (guest_src / "kernel" / "Kbuild").is_file():
-        return ""
-    sources = _module_sources(guest_src / "kernel")
-    headers = sorted((guest_src / "include").glob("*.h"))
-    return module_key(f"{release}_{version}", [*sources, *headers])
+        return []
+    return [*_module_sources(guest_src / "kernel"), *sorted((guest_src / "include").glob("*.h"))]
 
 
 def guest_kmod_names(guest_src: Path) -> list[str]:

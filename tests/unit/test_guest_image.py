@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -431,3 +432,44 @@ def test_changed_module_list_extracts_the_kernel_again(
     host.calls.clear()
     assert gi.build_guest("armmp-lpae", cache) == img
     assert not any(c.startswith("apt-get") for c in host.calls)
+
+
+def test_find_guest_refuses_an_image_built_from_other_sources(
+    fake_build: tuple[FakeHost, Path, Path],
+) -> None:
+    # An edited guest/ (or an upgraded package) must not boot the old stub silently: find_guest
+    # says ENODEV, which Agent.boot answers by building, and the rebuilt image is found again.
+    _, src, cache = fake_build
+    img = gi.build_guest("armmp-lpae", cache)
+    assert img.sources == gi.sources_key(src)
+    assert gi.find_guest("armmp-lpae", cache) == img
+    (src / "cma-test.c").write_text("int main(void) { return 1; }\n")
+    with pytest.raises(ENODEV, match="built from other guest sources"):
+        gi.find_guest("armmp-lpae", cache)
+    img2 = gi.build_guest("armmp-lpae", cache)
+    assert gi.find_guest("armmp-lpae", cache) == img2 != img
+    (src / "init").write_text("#!/bin/sh\necho changed\n")
+    with pytest.raises(ENODEV, match="built from other guest sources"):
+        gi.find_guest("armmp-lpae", cache)
+
+
+def test_an_image_without_recorded_sources_is_repacked_once(
+    fake_build: tuple[FakeHost, Path, Path],
+) -> None:
+    # A cache from before the manifest recorded its sources: not trusted by find_guest, and
+    # build_guest repacks it (no download) instead of calling it up to date.
+    host, _, cache = fake_build
+    img = gi.build_guest("armmp-lpae", cache)
+    manifest = cache / "guest" / "armmp-lpae" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    del record["sources"]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(ENODEV, match="built from other guest sources"):
+        gi.find_guest("armmp-lpae", cache)
+    host.calls.clear()
+    msgs: list[str] = []
+    assert gi.build_guest("armmp-lpae", cache, msgs.append) == img
+    assert any(m.startswith("packing the armmp-lpae initramfs") for m in msgs)
+    assert not any("up to date" in m for m in msgs)
+    assert not any(c.startswith("apt-get download") for c in host.calls)
+    assert gi.find_guest("armmp-lpae", cache) == img
