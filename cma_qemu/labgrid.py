@@ -14,6 +14,13 @@ ssh: QMP on ssh's stdio as labgrid expects, the console socket forwarded back wi
 with ``ssh -L``; ``monitor_path`` is then the local end, and ``agent`` does not exist here.
 Keys for it: ``keyfile`` (ssh identity) and ``remote_cma_qemu`` (the command on the host).
 
+A client killed without deactivating (SIGKILL) leaves nothing running: QEMU and its ssh get
+``PR_SET_PDEATHSIG`` (``setpriv --pdeathsig``, util-linux) here when ``on()`` runs in the main
+thread, and QEMU and ``cma-qemu attach`` get it on the host, where their parent is the ssh
+session that ends with the connection. The directories (the guest RAM file) name their owner,
+the client here and QEMU on the host (``cma_qemu/machine/rundir.py``): the next ``cma-qemu
+attach`` on the host (the next board there) sweeps the host's, any cma-qemu start here ours.
+
 Env keys: ``board`` (default ``virt``), ``regions``, ``map``, ``asterisk``, ``allocator``, and
 QEMUDriver's own: ``qemu_bin`` (a ``tools`` key or a program), ``extra_args`` (appended) and
 ``boot_args`` (appended to the kernel command line). ``machine``, ``cpu`` and ``memory`` come
@@ -32,6 +39,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ from cma_qemu.configuration import build_cma
 from cma_qemu.errors import EINVAL, EIO, ENODEV
 from cma_qemu.first_json import read_first_json
 from cma_qemu.loop_thread import LoopThread
+from cma_qemu.machine import rundir
 from cma_qemu.machine.launch import QEMU, PreparedLaunch, kernel_cmdline, prepare_launch
 from cma_qemu.pytest_plugin import SyncAgent
 
@@ -64,6 +73,8 @@ _optional_str = attr.validators.optional(attr.validators.instance_of(str))
 #: QEMUDriver keys that name images: the board's guest replaces them.
 _IMAGE_KEYS = ("kernel", "disk", "rootfs", "dtb", "flash", "bios")
 _LABGRID_SERIAL = "chardev:serialsocket"
+#: Sockets of the host's directory that QEMU and the attach make again at every ``on()``.
+_REMOTE_SOCKETS = ("qmp.sock", "channel.sock", "monitor.sock", "console.sock")
 
 
 @target_factory.reg_driver
@@ -89,7 +100,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
     allocator: str | None = attr.ib(default=None, validator=_optional_str)
     keyfile: str = attr.ib(default="", validator=attr.validators.instance_of(str))
     remote_cma_qemu: str = attr.ib(default="cma-qemu", validator=attr.validators.instance_of(str))
-    _cmd: list[str]  # QEMUDriver's argv, set by its on_activate
+    _cmd: list[str]  # QEMUDriver's argv, set by its on_activate; what its on() starts
     _child: Any  # QEMUDriver's QEMU process (subprocess.Popen)
     _clientsocket: Any  # QEMUDriver's end of the console socket
 
@@ -107,6 +118,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         self._remote_dir: str | None = None
         self._remote_info: dict[str, Any] | None = None
         self._remote_agent: subprocess.Popen[str] | None = None
+        self._qemu_argv: list[str] = []  # what on() starts: QEMU, or its ssh to the host
 
     # -- what labgrid runs ----------------------------------------------------------------
 
@@ -158,7 +170,8 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         return [*argv, *shlex.split(self.extra_args or "")]
 
     def on_activate(self) -> None:
-        self._cma_dir = Path(tempfile.mkdtemp(prefix="cma-qemu-labgrid-"))
+        # Named after this process: the next cma-qemu start sweeps it if this one is killed.
+        self._cma_dir = rundir.create(tempfile.gettempdir(), prefix="cma-qemu-labgrid-")
         directory = self._cma_dir
         self._cma_cleanup = lambda: shutil.rmtree(directory, ignore_errors=True)
         atexit.register(self._cma_cleanup)
@@ -171,6 +184,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         self._cmd = _console_first(self._cmd)
         if self.host is not None:
             self._cmd = self._over_ssh(self._cmd)
+        self._qemu_argv = list(self._cmd)
 
     def on_deactivate(self) -> None:
         try:
@@ -188,6 +202,7 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         """Start QEMU (labgrid), then attach the agent to it."""
         if self.status:
             return
+        self._cmd = _dies_with_this_thread(self._qemu_argv)
         super().on()
         if self.host is not None:
             try:
@@ -235,8 +250,12 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
             finally:
                 self._stop_remote_agent()
                 launch, info = self._cma_launch, self._remote_info
-                if info is not None and info.get("ram"):
-                    self._ssh_run(["rm", "-f", str(info["ram"])])
+                if info is not None and self._remote_dir is not None:
+                    # QEMU is gone: its owner file and sockets too, or a sweep on the host
+                    # would take the directory (the DTB) before the next on().
+                    names = (rundir.OWNER_FILE, *_REMOTE_SOCKETS)
+                    paths = [f"{self._remote_dir}/{name}" for name in names]
+                    self._ssh_run(["rm", "-f", *paths, *([info["ram"]] if info["ram"] else [])])
                 elif launch is not None and launch.files.ram_file is not None:
                     with contextlib.suppress(FileNotFoundError):
                         launch.files.ram_file.unlink()  # QEMU recreates it on the next on()
@@ -321,7 +340,12 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         if local is None:
             raise EIO("labgrid's console socket is not in QEMU's arguments", where="labgrid")
         forward = ["-R", f"{remote}:{local}", "-o", "ExitOnForwardFailure=yes"]
-        return [*self._ssh(*forward), "--", "exec " + shlex.join(out)]
+        owner = shlex.quote(f"{self._remote_dir}/{rundir.OWNER_FILE}")
+        # The shell's pid and start time are QEMU's after the execs: it owns the directory.
+        claim = (
+            f'read -r stat < /proc/$$/stat && set -- ${{stat##*)}} && echo "$$ ${{20}}" >{owner}'
+        )
+        return [*self._ssh(*forward), "--", f"{claim} && {_dies_with_parent(out)}"]
 
     def _attach_remote(self) -> None:
         """``cma-qemu attach`` on the host; its monitor forwarded to ``monitor_path``."""
@@ -338,8 +362,9 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
         ]  # fmt: skip
         if self.allocator:
             command.append(f"--allocator={self.allocator}")
+        ssh = [*self._ssh("-L", f"{local_monitor}:{remote_monitor}"), "--"]
         self._remote_agent = subprocess.Popen(
-            [*self._ssh("-L", f"{local_monitor}:{remote_monitor}"), "--", shlex.join(command)],
+            _dies_with_this_thread([*ssh, _dies_with_parent(command, "TERM")]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -417,6 +442,24 @@ class CmaQemuDriver(QEMUDriver):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return f"CmaQemuDriver({self.target.name}, {self.board})"
+
+
+def _dies_with_this_thread(argv: list[str]) -> list[str]:
+    """``argv`` killed when this process dies, if started from the main thread.
+
+    ``PR_SET_PDEATHSIG`` fires when the thread that started the process ends; only the main
+    thread lives as long as the process, so from another thread ``argv`` is left as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return argv
+    setpriv = shutil.which("setpriv")
+    return argv if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--", *argv]
+
+
+def _dies_with_parent(argv: Sequence[str], signal: str = "KILL") -> str:
+    """A remote shell command running ``argv`` that gets ``signal`` when its parent, the ssh
+    session (which ends when the connection does), exits. Debian's util-linux has setpriv."""
+    return "exec " + shlex.join(["setpriv", "--pdeathsig", signal, "--", *argv])
 
 
 def _console_first(argv: list[str]) -> list[str]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from cma_qemu.errors import EINVAL
-from cma_qemu.labgrid import _console_first
+from cma_qemu.labgrid import _console_first, _dies_with_parent, _dies_with_this_thread
 
 
 def test_labgrids_console_becomes_the_first_serial_port() -> None:
@@ -22,6 +25,34 @@ def test_labgrids_console_becomes_the_first_serial_port() -> None:
     ]  # fmt: skip
     virtio_board = ["q", "-device", "virtserialport", "-serial", "chardev:serialsocket"]
     assert _console_first(virtio_board) == virtio_board
+
+
+def test_pdeathsig_only_from_the_main_thread() -> None:
+    """PR_SET_PDEATHSIG fires when the starting thread ends: a worker thread's would kill
+    the process with the thread, so only the main thread gets the prefix."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "util-linux's setpriv is missing"
+    assert _dies_with_this_thread(["ssh", "h"]) == [
+        setpriv,
+        "--pdeathsig",
+        "KILL",
+        "--",
+        "ssh",
+        "h",
+    ]
+    from_worker: list[list[str]] = []
+    worker = threading.Thread(target=lambda: from_worker.append(_dies_with_this_thread(["ssh"])))
+    worker.start()
+    worker.join()
+    assert from_worker == [["ssh"]]
+
+
+def test_the_remote_command_is_quoted_for_the_hosts_shell() -> None:
+    command = _dies_with_parent(["cma-qemu", "attach", "--map=a b;rm"], "TERM")
+    assert command.startswith("exec ")
+    assert shlex.split(command[5:]) == [
+        "setpriv", "--pdeathsig", "TERM", "--", "cma-qemu", "attach", "--map=a b;rm",
+    ]  # fmt: skip
 
 
 def env_file(tmp_path: Path, driver: str) -> Path:
