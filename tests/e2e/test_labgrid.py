@@ -7,7 +7,9 @@ both go there, so after the run it must be empty and no QEMU of it may be left.
 Through a farm: a real ``labgrid-coordinator`` on 127.0.0.1, an exporter publishing a
 ``NetworkService`` for a host that runs cma-qemu (this machine, through an sshd the test
 starts on a port of its own), and ``labgrid-client`` reserving and acquiring the place before
-``pytest --lg-env remote-env.yaml`` runs the same tests through it. One boot each.
+``pytest --lg-env remote-env.yaml`` runs the same tests through it. One boot each; one more
+for a client SIGKILLed with the board on, after which nothing of it may run and its
+directories must go at the next sweep.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cma_qemu.machine import rundir
 
 pytestmark = pytest.mark.e2e
 
@@ -134,13 +140,19 @@ def lg(env: dict[str, str], *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
-def test_a_farm_place_runs_the_example_on_its_host(tmp_path: Path, sshd: Sshd) -> None:
-    """coordinator + exporter (a NetworkService for 127.0.0.1) + client reserve/acquire."""
+@dataclass
+class Farm:
+    env: dict[str, str]  # LG_COORDINATOR and the LG_TOKEN of the reservation
+    project: Path  # the example, its remote-env.yaml pointing at the test's sshd
+
+
+@pytest.fixture
+def farm(tmp_path: Path, sshd: Sshd) -> Iterator[Farm]:
+    """coordinator + exporter (a NetworkService for 127.0.0.1) + the place reserved, acquired."""
     run = tmp_path / "farm"
     run.mkdir()
     port = free_port()
     env = {**os.environ, "LG_COORDINATOR": f"127.0.0.1:{port}"}
-    before = set(Path("/tmp").glob("cma-qemu-labgrid-*"))
     coordinator = subprocess.Popen(
         [str(BIN / "labgrid-coordinator"), "-l", f"127.0.0.1:{port}"], cwd=run,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -178,17 +190,126 @@ def test_a_farm_place_runs_the_example_on_its_host(tmp_path: Path, sshd: Sshd) -
         driver["keyfile"] = str(sshd.key)
         driver["remote_cma_qemu"] = str(BIN / "cma-qemu")
         (project / "remote-env.yaml").write_text(yaml.safe_dump(remote, sort_keys=False))
-        result = subprocess.run(
-            [*PYTEST, "--lg-env", "remote-env.yaml", "-p", "no:cacheprovider", "-q"],
-            cwd=project, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "3 passed" in result.stdout
-        lg(env, "-p", "cma-qemu", "release")
+        yield Farm(env, project)
     finally:
         if exporter is not None:
             stop(exporter)
         stop(coordinator)
+
+
+@pytest.fixture
+def host_dirs() -> Iterator[None]:
+    """No ``/tmp/cma-qemu-labgrid-*`` of the test and no QEMU of one is left after it."""
+    before = set(Path("/tmp").glob("cma-qemu-labgrid-*"))
+    yield
     left = set(Path("/tmp").glob("cma-qemu-labgrid-*")) - before
     assert left == set()  # the host's directory went with the board
     assert qemus_under(Path("/tmp/cma-qemu-labgrid-")) == []
+
+
+def test_a_farm_place_runs_the_example_on_its_host(farm: Farm, host_dirs: None) -> None:
+    """``pytest --lg-env remote-env.yaml`` through the acquired place, then ``release``."""
+    result = subprocess.run(
+        [*PYTEST, "--lg-env", "remote-env.yaml", "-p", "no:cacheprovider", "-q"],
+        cwd=farm.project, env=farm.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+    lg(farm.env, "-p", "cma-qemu", "release")
+
+
+#: A labgrid client that powers the board on, says where its host directory is, and waits.
+CLIENT = """
+import sys, time
+from labgrid import Environment
+strategy = Environment("remote-env.yaml").get_target("main").get_driver("CmaQemuStrategy")
+strategy.transition("shell")
+print("host-dir", strategy.power._remote_dir, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a path short enough for Unix sockets in it (tmp_path is too long)."""
+    path = Path(tempfile.mkdtemp(prefix="lg-kill-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines (from /proc) of live processes with ``text`` in an argument."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        line = b" ".join(argv).decode(errors="replace")
+        if text in line and state != "Z":
+            found.append(f"{proc.name}: {line}")
+    return found
+
+
+def test_a_sigkilled_client_leaves_nothing_on_the_host(
+    farm: Farm, host_dirs: None, short_tmp: Path
+) -> None:
+    """SIGKILL (a CI runner's timeout) gives the client no chance to deactivate: its ssh
+    processes die with it, QEMU and the host's attach with their ssh sessions, and the host
+    directory (the guest's RAM file) is swept by the next cma-qemu start on that host."""
+    scratch = short_tmp  # the client's TMPDIR: labgrid's console socket path must be short
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT], cwd=farm.project, env={**farm.env, "TMPDIR": str(scratch)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    host_dir = ""
+    try:
+        assert client.stdout is not None
+        line = client.stdout.readline()  # the board is on, its shell reached
+        assert line.startswith("host-dir /tmp/cma-qemu-labgrid-"), line + client.stderr.read()
+        host_dir = line.split()[1]
+        running = processes_naming(host_dir)
+        assert any("qemu-system" in p for p in running), running
+        assert any(" attach " in p for p in running), running
+        assert any(p.split(": ", 1)[1].startswith("ssh ") for p in running), running
+        assert Path(host_dir, "guest.ram").exists()
+        qemu = next(p.split(":")[0] for p in running if " ssh " not in p and "qemu-system" in p)
+        assert Path(host_dir, "owner").read_text().split()[0] == qemu  # QEMU owns the directory
+        attach = next(p.split(":")[0] for p in running if " attach " in p and " ssh " not in p)
+        attach_dirs = [  # the host attach's own directory (its pmemsave dumps)
+            d for d in Path("/tmp").glob("cma-qemu-attach-*")
+            if (d / "owner").exists() and (d / "owner").read_text().split()[0] == attach
+        ]  # fmt: skip
+        assert len(attach_dirs) == 1, attach_dirs
+
+        killed = time.monotonic()
+        client.kill()
+        client.wait()
+        while (left := processes_naming(host_dir)) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        gone = time.monotonic() - killed
+        assert left == [], f"{gone:.1f} s after SIGKILL: {left}"
+        print(f"SIGKILL to nothing running of {host_dir}: {gone:.2f} s")
+        assert not attach_dirs[0].exists()  # the attach removed it on its SIGTERM
+        # What the next `cma-qemu attach` on the host (and any start here) sweeps first.
+        removed = rundir.sweep(["/tmp", scratch])
+        assert Path(host_dir) in removed
+        assert not Path(host_dir).exists()
+        assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("cma-qemu-")) == []
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        for stream in (client.stdout, client.stderr):
+            if stream is not None:
+                stream.close()
+        if host_dir:  # what the fix failed to end, ended here so that nothing outlives the test
+            for entry in processes_naming(host_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.split(":", 1)[0]), signal.SIGKILL)
+            shutil.rmtree(host_dir, ignore_errors=True)
