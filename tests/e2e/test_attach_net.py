@@ -28,6 +28,7 @@ from cma_qemu.agent import Agent
 from cma_qemu.boards import load_board
 from cma_qemu.configuration import build_cma
 from cma_qemu.first_json import read_first_json
+from cma_qemu.framework import Chunk
 
 pytestmark = [pytest.mark.e2e]
 
@@ -74,6 +75,17 @@ def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
         child.close(force=True)
 
 
+async def first_guest_allocates_then_ends(qemu: Qemu, agent: Agent) -> Chunk:
+    """A stub allocates 1M through ``agent``, as the guest's first connection to it
+    (``guest:net:1``), and ends; its chunk is released. Returns the chunk."""
+    start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
+    chunk = agent.cma.chunk(start)
+    assert chunk.owner == "guest:net:1"
+    await asyncio.to_thread(qemu.stub_end)
+    await until(lambda: agent.cma.chunks == [])
+    return chunk
+
+
 async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
     # No agent yet: socat finds nobody at the socket and the guest's connection gets no reply.
     out = await asyncio.to_thread(qemu.shell, "echo 'alloc camera 1M' | cma-test")
@@ -83,12 +95,8 @@ async def test_agent_attach_listens_at_the_channel_path(qemu: Qemu) -> None:
     try:
         assert agent.machine.channel_path == qemu.channel_socket
         assert qemu.channel_socket.is_socket()
-        start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
-        chunk = agent.cma.chunk(start)
+        chunk = await first_guest_allocates_then_ends(qemu, agent)
         assert chunk.requested == 0x100000
-        assert chunk.owner == "guest:net:1"  # the guest's first connection to this agent
-        await asyncio.to_thread(qemu.stub_end)
-        await until(lambda: agent.cma.chunks == [])
     finally:
         await agent.close()
     assert not qemu.channel_socket.exists()
@@ -116,12 +124,9 @@ async def test_a_second_attach_leaves_the_first_agents_channel_alone(
             f"{qemu.channel_socket}"
         ]
         assert not (tmp_path / "second.sock").exists()
-        # the first agent still serves the guest at its socket
-        start = await asyncio.to_thread(qemu.stub_alloc, "alloc camera 1M")
-        # the second attach's probe of the socket was no guest connection: this is the first
-        assert agent.cma.chunk(start).owner == "guest:net:1"
-        await asyncio.to_thread(qemu.stub_end)
-        await until(lambda: agent.cma.chunks == [])
+        # the first agent still serves the guest at its socket, and the second attach's probe
+        # of the socket was no guest connection
+        await first_guest_allocates_then_ends(qemu, agent)
     finally:
         await agent.close()
     assert not qemu.channel_socket.exists()
