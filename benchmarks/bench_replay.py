@@ -144,7 +144,7 @@ class SizeResult:
     lines: int
     replay: Timing
     compiled: Timing
-    #: ``--ceiling``: program -> its timing on the same trace (see CEILING_PROGRAMS).
+    #: ``--ceiling``: program -> its timing on the same trace, in measure_ceiling's order.
     ceiling: dict[str, Timing] = field(default_factory=dict)
 
     def rate(self, which: str, clock: str) -> float:
@@ -178,12 +178,6 @@ MYPYC_MODULES = (
     "cma_qemu/regions.py",
     "cma_qemu/units.py",
 )
-#: --ceiling's programs, and whether their allocation lines must equal the baseline's.
-CEILING_PROGRAMS = {
-    "Python loop, no allocator": False,
-    "Python loop + bf": True,
-    "replay, mypyc-compiled": True,
-}
 
 
 def build_mypyc(work: Path) -> Path:
@@ -220,15 +214,15 @@ def measure_ceiling(
     """Time the --ceiling programs on ``script``; fill ``result.ceiling``."""
     where = [hex(region[0]), hex(region[1])]
     mypyc_env = {**os.environ, "PYTHONPATH": str(mypyc_root)}
-    programs: dict[str, tuple[list[str], dict[str, str] | None]] = {
-        "Python loop, no allocator": ([sys.executable, str(FLOOR_SCRIPT), "none", *where], None),
-        "Python loop + bf": ([sys.executable, str(FLOOR_SCRIPT), "bf", *where], None),
-        "replay, mypyc-compiled": (
-            [CLI, "replay", "-", "--cma", REGIONS, "--ram", RAM],
-            mypyc_env,
-        ),
-    }
-    for name, (argv, env) in programs.items():
+    # name, argv, environment, whether its allocation lines must equal the baseline's
+    floor = [sys.executable, str(FLOOR_SCRIPT)]
+    replay = [CLI, "replay", "-", "--cma", REGIONS, "--ram", RAM]
+    programs: list[tuple[str, list[str], dict[str, str] | None, bool]] = [
+        ("Python loop, no allocator", [*floor, "none", *where], None, False),
+        ("Python loop + bf", [*floor, "bf", *where], None, True),
+        ("replay, mypyc-compiled", replay, mypyc_env, True),
+    ]
+    for name, argv, env, same_lines in programs:
         runs: list[Timing] = []
         for _ in range(repeat):
             timing, status, err = timed(argv, script, work / "ceiling.out", env)
@@ -236,7 +230,7 @@ def measure_ceiling(
                 raise SystemExit(f"{name} on the {result.n:,} trace failed ({status}): {err[:500]}")
             runs.append(timing)
         out = (work / "ceiling.out").read_text()
-        if CEILING_PROGRAMS[name] and out != expected:
+        if same_lines and out != expected:
             raise SystemExit(f"N={result.n:,}: {name} printed other lines than the baseline")
         if out.count("\n") != expected.count("\n"):
             raise SystemExit(f"N={result.n:,}: {name} printed another number of lines")
@@ -440,7 +434,7 @@ def _ceiling_table(results: Sequence[SizeResult]) -> Table:
         table.add_column(f"us/line at {r.n:,} (cpu)", justify="right")
         table.add_column(f"/compiled at {r.n:,}", justify="right")
     rows: list[tuple[str, list[Timing]]] = [
-        (name, [r.ceiling[name] for r in results]) for name in CEILING_PROGRAMS
+        (name, [r.ceiling[name] for r in results]) for name in results[0].ceiling
     ]
     rows.insert(2, ("cma-qemu replay", [r.replay for r in results]))
     rows.append(("compiled baseline (C++)", [r.compiled for r in results]))
